@@ -1,0 +1,1 @@
+"""PyTorch checkpoints -> Flax: safe loading, name/layout mapping, per-family converters."""
