@@ -1,0 +1,132 @@
+"""Converted weights on disk, loaded with one call.
+
+A weights folder (written by tools/convert_checkpoint.py) holds one sub-folder per model:
+
+    unet/config.json, unet/flax_params.safetensors        UNet3D (our config fields)
+    vae/config.json,  vae/flax_params.safetensors         AutoencoderKL
+    scheduler/scheduler_config.json                       diffusers-style noise schedule
+
+Parameters are stored float32 under their Flax paths ('down_blocks.0.resnets.1.norm1.scale'), so loading
+is a name-for-name copy into an abstract model: no PyTorch, no layout changes, no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from m3ddm_jax import fileio
+from m3ddm_jax.convert.mapping import CheckpointMismatchError
+from m3ddm_jax.models.layers import make_rngs
+from m3ddm_jax.models.unet3d import UNet3D, UNet3DConfig
+from m3ddm_jax.models.vae import AutoencoderKL, VAEConfig
+
+UNET, VAE, SCHEDULER = "unet", "vae", "scheduler"
+PARAMS_FILE, CONFIG_FILE, SCHEDULER_FILE = "flax_params.safetensors", "config.json", "scheduler_config.json"
+MODEL_CLASSES = {"UNet3D": (UNet3D, UNet3DConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig)}
+
+# Stable Diffusion 1.5's scheduler, which the released M3DDM pipeline uses (PNDM, scaled-linear betas).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+}
+
+
+@dataclasses.dataclass
+class Weights:
+    """Everything the outpainting pipeline needs from a converted folder."""
+    unet: UNet3D
+    vae: AutoencoderKL
+    scheduler_config: dict
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(config) -> nnx.Module:
+    """A shape-only model for a UNet3DConfig or VAEConfig."""
+    for cls, config_cls in MODEL_CLASSES.values():
+        if isinstance(config, config_cls):
+            return nnx.eval_shape(lambda: cls(config, rngs=make_rngs(0)))
+    raise TypeError(f"no model class for config {type(config).__name__}")
+
+
+def save_model(folder: str, model: nnx.Module, config) -> None:
+    """Writes config.json and flax_params.safetensors into `folder` (each file atomically)."""
+    from safetensors.numpy import save_file
+
+    name = next(n for n, (cls, _) in MODEL_CLASSES.items() if isinstance(model, cls))
+    os.makedirs(folder, exist_ok=True)
+    tensors = {_key(p): np.ascontiguousarray(np.asarray(v.get_value(), np.float32))
+               for p, v in nnx.to_flat_state(nnx.state(model))}
+    with fileio.atomic_path(os.path.join(folder, PARAMS_FILE)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "m3ddm_jax", "model": name})
+    fileio.write_text(os.path.join(folder, CONFIG_FILE),
+                      json.dumps({"_class_name": name, **dataclasses.asdict(config)}, indent=2))
+
+
+def load_model(folder: str, **overrides: Any) -> nnx.Module:
+    """Loads a model folder written by `save_model`. `overrides` replace config fields (e.g. dtype)."""
+    from safetensors import safe_open
+
+    config_path, params_path = os.path.join(folder, CONFIG_FILE), os.path.join(folder, PARAMS_FILE)
+    for path in (config_path, params_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a converted model folder "
+                                    f"(write one with tools/convert_checkpoint.py)")
+    with open(config_path) as f:
+        fields = json.load(f)
+    name = fields.pop("_class_name", None)
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"{config_path}: unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
+    config = dataclasses.replace(MODEL_CLASSES[name][1](**fields), **overrides)
+    model = abstract_model(config)
+    graphdef, abstract = nnx.split(model)
+    flat = nnx.to_flat_state(abstract)
+    with safe_open(params_path, framework="numpy") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        expected = {_key(p): tuple(v.shape) for p, v in flat}
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        mismatched = [(k, stored[k], expected[k]) for k in expected if k in stored and stored[k] != expected[k]]
+        if missing or unexpected or mismatched:
+            raise CheckpointMismatchError(params_path, missing, unexpected, mismatched)
+        leaves = [(p, v.replace(np.asarray(f.get_tensor(_key(p)), v.dtype))) for p, v in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def save_weights(folder: str, *, unet: UNet3D | None = None, vae: AutoencoderKL | None = None,
+                 scheduler_config: dict | None = None, report: dict | None = None, overwrite: bool = False) -> None:
+    """Writes a complete weights folder; it appears under its name only once every file is written."""
+    with fileio.atomic_dir(folder, overwrite=overwrite) as tmp:
+        if unet is not None:
+            save_model(os.path.join(tmp, UNET), unet, unet.config)
+        if vae is not None:
+            save_model(os.path.join(tmp, VAE), vae, vae.config)
+        os.makedirs(os.path.join(tmp, SCHEDULER))
+        fileio.write_text(os.path.join(tmp, SCHEDULER, SCHEDULER_FILE),
+                          json.dumps(scheduler_config or SD15_SCHEDULER_CONFIG, indent=2))
+        if report is not None:
+            fileio.write_text(os.path.join(tmp, "conversion.json"), json.dumps(report, indent=2))
+
+
+def load_weights(folder: str, **unet_overrides: Any) -> Weights:
+    """The UNet, VAE and scheduler config of a converted folder. `unet_overrides` replace UNet config fields
+    (e.g. dtype='bfloat16', attention_impl='cudnn')."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"weights folder {folder} does not exist; convert a checkpoint with "
+                                f"tools/convert_checkpoint.py")
+    unet = load_model(os.path.join(folder, UNET), **unet_overrides)
+    vae = load_model(os.path.join(folder, VAE))
+    scheduler_path = os.path.join(folder, SCHEDULER, SCHEDULER_FILE)
+    if not os.path.isfile(scheduler_path):
+        raise FileNotFoundError(f"{scheduler_path} is missing: {folder} is not a complete weights folder")
+    with open(scheduler_path) as f:
+        return Weights(unet, vae, json.load(f))
