@@ -42,7 +42,7 @@ class CheckpointMismatchError(ValueError):
             lines.append(f"  unexpected keys: {show(self.unexpected)}")
         if self.mismatched:
             lines.append("  shape mismatches: " + show(
-                [f"{k} (checkpoint {tuple(s)}, model expects {tuple(e)})" for k, s, e in self.mismatched]))
+                [f"{k} (checkpoint {tuple(s)}, model expects {tuple(e)} in Flax layout)" for k, s, e in self.mismatched]))
         lines.append("  Check that the config (config.json) belongs to these weights, and that the file is the "
                      "right model.")
         super().__init__("\n".join(lines))

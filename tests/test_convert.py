@@ -1,0 +1,170 @@
+"""Checkpoint conversion: the CLI, pickled and fp16 checkpoints, and clear errors for bad checkpoints."""
+
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from conftest import REPO
+from m3ddm_jax import pretrained
+from m3ddm_jax.convert import m3ddm
+from m3ddm_jax.convert.mapping import CheckpointMismatchError
+from m3ddm_jax.convert.sources import CheckpointReadError
+
+sys.path.insert(0, str(REPO / "tools"))
+import convert_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+
+def flat_params(model) -> dict:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.fixture(scope="module")
+def official(reference_dir):
+    """The fixture's official state dict and its Flax conversion."""
+    sd = load_file(str(reference_dir / "unet_tiny.safetensors"))
+    model = m3ddm.load_official(str(reference_dir / "unet_tiny.safetensors"), str(reference_dir / "config.json"))
+    return sd, flat_params(model)
+
+
+def write_checkpoint(folder, sd, reference_dir, fmt="safetensors"):
+    """A released-checkpoint-like folder: config.json + diffusion_pytorch_model.<fmt>."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(reference_dir / "config.json", folder / "config.json")
+    path = folder / f"diffusion_pytorch_model.{fmt}"
+    if fmt == "safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+    return path
+
+
+def test_cli_writes_a_folder_that_loads_with_one_call(tmp_path, reference_dir, official):
+    ref = reference_dir
+    dst = tmp_path / "weights"
+    rc = convert_checkpoint.main(["m3ddm", "--src", str(ref / "unet_tiny.safetensors"), "--config",
+                                  str(ref / "config.json"), "--vae", str(ref / "vae_tiny.safetensors"),
+                                  "--vae-config", str(ref / "vae_config.json"), "--dst", str(dst)])
+    assert rc == 0
+    weights = pretrained.load_weights(str(dst))
+    got = flat_params(weights.unet)
+    assert got.keys() == official[1].keys()
+    for k, v in official[1].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert weights.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert weights.vae.config.block_out_channels == (8, 16, 16, 16)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]  # no temporary left behind
+    # A second conversion onto the same folder is refused rather than silently mixing outputs.
+    assert convert_checkpoint.main(["m3ddm", "--src", str(ref / "unet_tiny.safetensors"), "--config",
+                                    str(ref / "config.json"), "--dst", str(dst)]) == 1
+
+
+def test_load_overrides_compute_dtype(tmp_path, reference_dir):
+    unet = m3ddm.load_official(str(reference_dir / "unet_tiny.safetensors"), str(reference_dir / "config.json"))
+    pretrained.save_model(str(tmp_path / "unet"), unet, unet.config)
+    loaded = pretrained.load_model(str(tmp_path / "unet"), dtype="bfloat16")
+    assert loaded.config.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(loaded))} == {np.dtype("float32")}  # params stay float32
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_pickled_checkpoint_folder(tmp_path, reference_dir, official, half):
+    """The released file is a (2.6 GB, fp16) pickle: it loads through the restricted unpickler, memory-mapped."""
+    sd, expected = official
+    if half:
+        sd = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in sd.items()}
+    write_checkpoint(tmp_path, sd, reference_dir, fmt="bin")
+    got = flat_params(m3ddm.load_official(str(tmp_path)))
+    for k, v in expected.items():
+        want = v.astype(np.float16).astype(np.float32) if half else v
+        np.testing.assert_array_equal(got[k], want, err_msg=k)
+
+
+def mutated(sd, drop=(), add=(), reshape=()):
+    sd = {k: v for k, v in sd.items() if k not in drop}
+    sd.update({k: np.zeros(3, np.float32) for k in add})
+    sd.update({k: np.zeros((7, 5), np.float32) for k in reshape})
+    return sd
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(drop=["down_blocks.1.attentions.0.proj_in2.weight"]),
+     r"1 missing(.|\n)*missing keys: down_blocks\.1\.attentions\.0\.proj_in2\.weight"),
+    (dict(add=["down_blocks.0.extra_layer.weight"]),
+     r"1 unexpected(.|\n)*unexpected keys: down_blocks\.0\.extra_layer\.weight"),
+    (dict(reshape=["conv_in.weight"]),
+     r"conv_in\.weight \(checkpoint \(7, 5\), model expects \(3, 3, 9, 16\) in Flax layout\)"),
+], ids=["missing", "extra", "shape"])
+def test_mismatched_checkpoint_is_named(tmp_path, reference_dir, official, change, expect):
+    write_checkpoint(tmp_path, mutated(official[0], **change), reference_dir)
+    with pytest.raises(CheckpointMismatchError, match=expect):
+        m3ddm.load_official(str(tmp_path))
+
+
+def test_cli_reports_mismatch_and_writes_nothing(tmp_path, reference_dir, official, capsys):
+    write_checkpoint(tmp_path / "src", mutated(official[0], drop=["conv_in.bias"]), reference_dir)
+    rc = convert_checkpoint.main(["m3ddm", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "out")])
+    assert rc == 1
+    assert "missing keys: conv_in.bias" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_truncated_file(tmp_path, reference_dir, official, fmt):
+    path = write_checkpoint(tmp_path, official[0], reference_dir, fmt=fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointReadError, match=f"{path}.*(truncated|corrupt)"):
+        m3ddm.load_official(str(tmp_path))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, reference_dir):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    shutil.copy(reference_dir / "config.json", tmp_path / "config.json")
+    torch.save({"conv_in.weight": payload}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointReadError, match="refused to load this pickle"):
+        m3ddm.load_official(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_wrong_config_for_the_weights(tmp_path, reference_dir, official):
+    path = write_checkpoint(tmp_path, official[0], reference_dir)
+    (tmp_path / "config.json").write_text((reference_dir / "config.json").read_text().replace('"layers_per_block": 2',
+                                                                                             '"layers_per_block": 3'))
+    with pytest.raises(CheckpointMismatchError, match="472 missing(.|\n)*missing keys: down_blocks\\.0\\.attentions\\.2\\."):
+        m3ddm.load_official(str(path.parent))
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors or "
+                                                "diffusion_pytorch_model.bin"):
+        m3ddm.load_official(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrained.load_weights(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="not a converted model folder"):
+        pretrained.load_weights(str(tmp_path))
+
+
+def test_tampered_weights_folder(tmp_path, reference_dir):
+    unet = m3ddm.load_official(str(reference_dir / "unet_tiny.safetensors"), str(reference_dir / "config.json"))
+    pretrained.save_model(str(tmp_path), unet, unet.config)
+    params = load_file(str(tmp_path / pretrained.PARAMS_FILE))
+    del params["conv_out.temporal_conv.bias"]
+    save_file(params, str(tmp_path / pretrained.PARAMS_FILE))
+    with pytest.raises(CheckpointMismatchError, match="missing keys: conv_out.temporal_conv.bias"):
+        pretrained.load_model(str(tmp_path))
