@@ -17,6 +17,7 @@ INSTALL = [
     "numpy",
     "opencv-python-headless",
     "tqdm",
+    "tensorboardX",
 ]
 
 # PyTorch is needed only to read pickled checkpoints and, in tests, as the numerical reference.

@@ -23,12 +23,14 @@ from flax import nnx
 from m3ddm_jax import fileio
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.models.layers import make_rngs
+from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3D, UNet3DConfig
-from m3ddm_jax.models.vae import AutoencoderKL, VAEConfig
+from m3ddm_jax.models.vae import AutoencoderKL, LatentCodec, VAEConfig
 
 UNET, VAE, SCHEDULER = "unet", "vae", "scheduler"
 PARAMS_FILE, CONFIG_FILE, SCHEDULER_FILE = "flax_params.safetensors", "config.json", "scheduler_config.json"
-MODEL_CLASSES = {"UNet3D": (UNet3D, UNet3DConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig)}
+MODEL_CLASSES = {"UNet3D": (UNet3D, UNet3DConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig),
+                 "PixelSpace": (PixelSpace, PixelSpaceConfig)}
 
 # Stable Diffusion 1.5's scheduler, which the released M3DDM pipeline uses (PNDM, scaled-linear betas).
 SD15_SCHEDULER_CONFIG = {
@@ -42,7 +44,7 @@ SD15_SCHEDULER_CONFIG = {
 class Weights:
     """Everything the outpainting pipeline needs from a converted folder."""
     unet: UNet3D
-    vae: AutoencoderKL
+    vae: LatentCodec  # the SD VAE, or the weight-free PixelSpace of the demo
     scheduler_config: dict
 
 
@@ -102,7 +104,7 @@ def load_model(folder: str, **overrides: Any) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def save_weights(folder: str, *, unet: UNet3D | None = None, vae: AutoencoderKL | None = None,
+def save_weights(folder: str, *, unet: UNet3D | None = None, vae: LatentCodec | None = None,
                  scheduler_config: dict | None = None, report: dict | None = None, overwrite: bool = False) -> None:
     """Writes a complete weights folder; it appears under its name only once every file is written."""
     with fileio.atomic_dir(folder, overwrite=overwrite) as tmp:

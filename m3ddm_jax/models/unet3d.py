@@ -9,6 +9,10 @@ name (see m3ddm_jax.convert.m3ddm). Semantics that matter for parity, as the off
 - `attention_heads` is the number of heads (the official config calls it `attention_head_dim`).
 - Every frame's cross-attention sees the same tokens of its sample row, so keys and values are projected
   once per row, not once per frame.
+
+2D mode: with `temporal_layers`, `fps_conditioning` and `global_encoder` off, the same blocks are Stable
+Diffusion's UNet2DConditionModel (each frame on its own; F = 1 is an image). The SD conversion
+(m3ddm_jax.convert.sd) builds it, and the inflation (m3ddm_jax.convert.inflate) turns it into the 3D model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, linear
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock3D", "DownBlockP3D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock3D", "UpBlockP3D"
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 TRANSFORMER_NORM_EPS = 1e-6  # hard-coded in the official SpatialTemporalTransformer
 LAYER_NORM_EPS = 1e-5
 
@@ -52,8 +57,15 @@ class UNet3DConfig:
     fps_max_period: float = 30.0
     temporal_position_dim: int = 320
     temporal_position_max_period: float = 1000.0
+    # All three off is the 2D mode (Stable Diffusion's UNet); the layers they add are the only difference.
+    temporal_layers: bool = True  # a temporal conv in every pseudo-3D conv, a temporal transformer per attention
+    fps_conditioning: bool = True  # the fps embedding and each resnet's fps projection
+    global_encoder: bool = True  # the global-frame encoder that makes the cross-attention tokens
     dtype: str = "float32"
     attention_impl: str = "xla"
+    # Rematerialisation of every resnet and transformer in training: 'none', 'full' (keep only block inputs)
+    # or 'dots' (keep matmul/conv outputs, recompute the elementwise work).
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -73,6 +85,8 @@ class UNet3DConfig:
                                  f"{PLAIN_UP!r}")
         if self.layers_per_block < 1:
             raise ValueError("UNet3DConfig: layers_per_block must be >= 1")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"UNet3DConfig: remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
     @property
     def compute_dtype(self) -> Dtype:
@@ -127,14 +141,16 @@ class TemporalConv(nnx.Module):
 
 
 class Pseudo3DConv(nnx.Module):
-    """A 3x3 conv on every frame, then a temporal conv at every pixel, with no activation between."""
+    """A 3x3 conv on every frame, then (unless `temporal` is off) a temporal conv at every pixel, with no
+    activation between."""
 
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, dtype: Dtype):
+    def __init__(self, cin: int, cout: int, temporal: bool, *, rngs: nnx.Rngs, dtype: Dtype):
         self.spatial_conv = conv(cin, cout, (3, 3), rngs=rngs, dtype=dtype)
-        self.temporal_conv = TemporalConv(cout, rngs=rngs, dtype=dtype)
+        self.temporal_conv = TemporalConv(cout, rngs=rngs, dtype=dtype) if temporal else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.temporal_conv(self.spatial_conv(x))
+        x = self.spatial_conv(x)
+        return x if self.temporal_conv is None else self.temporal_conv(x)
 
 
 class FeedForward(nnx.Module):
@@ -175,7 +191,8 @@ class TransformerBlock(nnx.Module):
 
 class SpatialTemporalTransformer(nnx.Module):
     """Spatial transformer per frame (with cross-attention to the global tokens), then a temporal
-    transformer over the frames at every pixel, each with its own residual."""
+    transformer over the frames at every pixel, each with its own residual. Without `temporal_layers`
+    only the spatial part exists (SD's Transformer2DModel)."""
 
     def __init__(self, channels: int, cfg: UNet3DConfig, *, rngs: nnx.Rngs):
         dt, heads, groups = cfg.compute_dtype, cfg.attention_heads, cfg.norm_num_groups
@@ -186,11 +203,13 @@ class SpatialTemporalTransformer(nnx.Module):
         self.proj_in = linear(channels, channels, rngs=rngs, dtype=dt)
         self.transformer_blocks = nnx.List([block(cfg.cross_attention_dim)])
         self.proj_out = linear(channels, channels, rngs=rngs, dtype=dt)
-        self.norm2 = GroupNorm(channels, groups, TRANSFORMER_NORM_EPS, dtype=dt)
-        self.proj_in2 = linear(channels, channels, rngs=rngs, dtype=dt)
-        self.temporal_position_embed_proj = TimestepEmbedding(self.pos_dim, channels, rngs=rngs, dtype=dt)
-        self.transformer_blocks2 = nnx.List([block(None)])
-        self.proj_out2 = linear(channels, channels, rngs=rngs, dtype=dt)
+        self.temporal = cfg.temporal_layers
+        if self.temporal:
+            self.norm2 = GroupNorm(channels, groups, TRANSFORMER_NORM_EPS, dtype=dt)
+            self.proj_in2 = linear(channels, channels, rngs=rngs, dtype=dt)
+            self.temporal_position_embed_proj = TimestepEmbedding(self.pos_dim, channels, rngs=rngs, dtype=dt)
+            self.transformer_blocks2 = nnx.List([block(None)])
+            self.proj_out2 = linear(channels, channels, rngs=rngs, dtype=dt)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, f, h, w, c = x.shape
@@ -198,6 +217,8 @@ class SpatialTemporalTransformer(nnx.Module):
         for blk in self.transformer_blocks:
             y = blk(y, context)
         x = x + self.proj_out(y).reshape(x.shape)
+        if not self.temporal:
+            return x
 
         y = self.proj_in2(self.norm2(x, batch_axes=1))
         y = y.transpose(0, 2, 3, 1, 4).reshape(b, h * w, f, c)
@@ -212,24 +233,33 @@ class SpatialTemporalTransformer(nnx.Module):
 
 class ResnetBlockP3D(nnx.Module):
     """GroupNorm -> SiLU -> pseudo-3D conv -> + time and fps projections -> GroupNorm -> SiLU -> pseudo-3D
-    conv, plus a 1x1x1 shortcut where the width changes."""
+    conv, plus a 1x1x1 shortcut where the width changes. Without `fps_conditioning` there is no fps
+    projection (SD's ResnetBlock2D)."""
 
     def __init__(self, cin: int, cout: int, cfg: UNet3DConfig, *, rngs: nnx.Rngs):
         dt, temb = cfg.compute_dtype, 4 * cfg.block_out_channels[0]
         self.norm1 = GroupNorm(cin, cfg.norm_num_groups, cfg.norm_eps, dtype=dt)
-        self.conv1 = Pseudo3DConv(cin, cout, rngs=rngs, dtype=dt)
+        self.conv1 = Pseudo3DConv(cin, cout, cfg.temporal_layers, rngs=rngs, dtype=dt)
         self.time_emb_proj = linear(temb, cout, rngs=rngs, dtype=dt)
-        self.fps_emb_proj = linear(temb, cout, rngs=rngs, dtype=dt)
+        self.fps_emb_proj = linear(temb, cout, rngs=rngs, dtype=dt) if cfg.fps_conditioning else None
         self.norm2 = GroupNorm(cout, cfg.norm_num_groups, cfg.norm_eps, dtype=dt)
-        self.conv2 = Pseudo3DConv(cout, cout, rngs=rngs, dtype=dt)
+        self.conv2 = Pseudo3DConv(cout, cout, cfg.temporal_layers, rngs=rngs, dtype=dt)
         self.conv_shortcut = linear(cin, cout, rngs=rngs, dtype=dt) if cin != cout else None
 
-    def __call__(self, x: jax.Array, temb: jax.Array, femb: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, femb: jax.Array | None) -> jax.Array:
         h = self.conv1(nnx.silu(self.norm1(x)))
         h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, None]
-        h = h + self.fps_emb_proj(nnx.silu(femb))[:, None, None, None]
+        if self.fps_emb_proj is not None:
+            h = h + self.fps_emb_proj(nnx.silu(femb))[:, None, None, None]
         h = self.conv2(nnx.silu(self.norm2(h)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+def remat(fn, policy: str):
+    """`fn(module, x)`, rematerialised in the backward pass under the named policy (REMAT_POLICIES)."""
+    if policy == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[policy])
 
 
 class Resample(nnx.Module):
@@ -254,6 +284,7 @@ class UNetBlock(nnx.Module):
     def __init__(self, resnet_channels: Sequence[tuple[int, int]], cross_attention: bool, resample: str | None,
                  cfg: UNet3DConfig, *, rngs: nnx.Rngs):
         cout = resnet_channels[-1][1]
+        self.remat = cfg.remat
         self.resnets = nnx.List([ResnetBlockP3D(i, o, cfg, rngs=rngs) for i, o in resnet_channels])
         self.attentions = (nnx.List([SpatialTemporalTransformer(o, cfg, rngs=rngs) for _, o in resnet_channels])
                            if cross_attention else None)
@@ -262,8 +293,8 @@ class UNetBlock(nnx.Module):
         self.upsamplers = make(True) if resample == "up" else None
 
     def _layer(self, i, x, temb, femb, context):
-        x = self.resnets[i](x, temb, femb)
-        return x if self.attentions is None else self.attentions[i](x, context)
+        x = remat(lambda m, x: m(x, temb, femb), self.remat)(self.resnets[i], x)
+        return x if self.attentions is None else remat(lambda m, x: m(x, context), self.remat)(self.attentions[i], x)
 
     def down(self, x, temb, femb, context) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
@@ -288,19 +319,23 @@ class MidBlock(nnx.Module):
     """resnet -> transformer -> resnet."""
 
     def __init__(self, channels: int, cfg: UNet3DConfig, *, rngs: nnx.Rngs):
+        self.remat = cfg.remat
         self.resnets = nnx.List([ResnetBlockP3D(channels, channels, cfg, rngs=rngs) for _ in range(2)])
         self.attentions = nnx.List([SpatialTemporalTransformer(channels, cfg, rngs=rngs)])
 
     def __call__(self, x, temb, femb, context):
-        x = self.resnets[0](x, temb, femb)
-        return self.resnets[1](self.attentions[0](x, context), temb, femb)
+        resnet = remat(lambda m, x: m(x, temb, femb), self.remat)
+        x = resnet(self.resnets[0], x)
+        x = remat(lambda m, x: m(x, context), self.remat)(self.attentions[0], x)
+        return resnet(self.resnets[1], x)
 
 
 class UNet3D(nnx.Module):
     """eps = unet(sample, timesteps, fps, tokens).
 
     sample (B, F, h, w, 9); timesteps and fps scalars or (B,); tokens (B, L, cross_attention_dim) from
-    `encode_global`. h and w must be multiples of `config.downsample_factor`.
+    `encode_global`. h and w must be multiples of `config.downsample_factor`. In 2D mode (SD) the sample
+    has `in_channels` (4), fps is unused (pass None) and tokens are the text embeddings.
     """
 
     def __init__(self, config: UNet3DConfig, *, rngs: nnx.Rngs):
@@ -309,7 +344,8 @@ class UNet3D(nnx.Module):
         temb = 4 * ch[0]
         self.conv_in = conv(cfg.in_channels, ch[0], (3, 3), rngs=rngs, dtype=dt)
         self.time_embedding = TimestepEmbedding(ch[0], temb, rngs=rngs, dtype=dt)
-        self.fps_embedding = TimestepEmbedding(ch[0], temb, rngs=rngs, dtype=dt)
+        self.fps_embedding = (TimestepEmbedding(ch[0], temb, rngs=rngs, dtype=dt) if cfg.fps_conditioning
+                              else None)
 
         n, layers = len(ch), cfg.layers_per_block
         down = []
@@ -333,16 +369,21 @@ class UNet3D(nnx.Module):
         self.up_blocks = nnx.List(up)
 
         self.conv_norm_out = GroupNorm(ch[0], cfg.norm_num_groups, cfg.norm_eps, dtype=dt)
-        self.conv_out = Pseudo3DConv(ch[0], cfg.out_channels, rngs=rngs, dtype=dt)
-        self.global_img_encoder = GlobalFrameEncoder(4, cfg.cross_attention_dim, rngs=rngs, dtype=dt)
+        self.conv_out = Pseudo3DConv(ch[0], cfg.out_channels, cfg.temporal_layers, rngs=rngs, dtype=dt)
+        self.global_img_encoder = (GlobalFrameEncoder(cfg.out_channels, cfg.cross_attention_dim, rngs=rngs, dtype=dt)
+                                   if cfg.global_encoder else None)
 
     def encode_global(self, latents: jax.Array, rows: int) -> jax.Array:
         """Global-frame VAE latents (rows * g, hg, wg, 4) -> tokens (rows, g * h' * w', cross_attention_dim).
 
         The unconditional global context is `encode_global(zeros)`, not zero tokens."""
+        if self.global_img_encoder is None:
+            raise ValueError("this UNet has no global-frame encoder (config.global_encoder is off, e.g. the 2D SD "
+                             "UNet): pass its context tokens to the forward directly")
         return self.global_img_encoder.tokens(latents, rows)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, fps: jax.Array, tokens: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, fps: jax.Array | None,
+                 tokens: jax.Array) -> jax.Array:
         cfg = self.config
         b, f, h, w, c = sample.shape
         if c != cfg.in_channels:
@@ -359,7 +400,12 @@ class UNet3D(nnx.Module):
                                                        freq_shift=cfg.freq_shift)
         dt = cfg.compute_dtype
         temb = self.time_embedding(embed(timesteps, cfg.timestep_max_period).astype(dt))
-        femb = self.fps_embedding(embed(fps, cfg.fps_max_period).astype(dt))
+        if self.fps_embedding is None:
+            femb = None
+        elif fps is None:
+            raise ValueError("UNet3D: this model is conditioned on fps; pass fps (frames per second / stride)")
+        else:
+            femb = self.fps_embedding(embed(fps, cfg.fps_max_period).astype(dt))
         context = tokens.astype(dt)
 
         x = self.conv_in(sample.astype(dt))

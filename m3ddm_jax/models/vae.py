@@ -216,7 +216,33 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(nnx.Module):
+class LatentCodec:
+    """What the sampler and the trainer need of a latent space: scaled latents in, images out.
+
+    Subclasses provide `encode(images) -> (mean, std)`, `decode(z)` and `config.scaling_factor`.
+    """
+
+    def encode_to_latents(self, images: jax.Array, *, key: jax.Array | None = None,
+                          eps: jax.Array | None = None) -> jax.Array:
+        """Scaled posterior sample (mean + std * eps) * scaling_factor.
+
+        `eps` replays given standard-normal draws (parity with recorded runs); otherwise they are drawn
+        from `key`; with neither, the posterior mean is used.
+        """
+        if key is not None and eps is not None:
+            raise ValueError("encode_to_latents: pass either key or eps, not both")
+        mean, std = self.encode(images)
+        if key is not None:
+            eps = jax.random.normal(key, mean.shape, jnp.float32)
+        latents = mean if eps is None else mean + std * eps
+        return latents * self.config.scaling_factor
+
+    def decode_latents(self, latents: jax.Array) -> jax.Array:
+        """Scaled latents (as the UNet produces them) -> images."""
+        return self.decode(latents / self.config.scaling_factor)
+
+
+class AutoencoderKL(LatentCodec, nnx.Module):
     """SD's KL autoencoder. `encode`/`decode` work on unscaled latents; `encode_to_latents` and
     `decode_latents` apply `scaling_factor` (the latents the UNet sees). Outputs are float32."""
 
@@ -237,22 +263,3 @@ class AutoencoderKL(nnx.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """Unscaled latents (N, h, w, latent_channels) -> images (N, h*f, w*f, out_channels), about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
-
-    def encode_to_latents(self, images: jax.Array, *, key: jax.Array | None = None,
-                          eps: jax.Array | None = None) -> jax.Array:
-        """Scaled posterior sample (mean + std * eps) * scaling_factor.
-
-        `eps` replays given standard-normal draws (parity with recorded runs); otherwise they are drawn
-        from `key`; with neither, the posterior mean is used.
-        """
-        if key is not None and eps is not None:
-            raise ValueError("encode_to_latents: pass either key or eps, not both")
-        mean, std = self.encode(images)
-        if key is not None:
-            eps = jax.random.normal(key, mean.shape, jnp.float32)
-        latents = mean if eps is None else mean + std * eps
-        return latents * self.config.scaling_factor
-
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
-        """Scaled latents (as the UNet produces them) -> images."""
-        return self.decode(latents / self.config.scaling_factor)

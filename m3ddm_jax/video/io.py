@@ -6,13 +6,14 @@ import contextlib
 import itertools
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable
 
 import av
 import numpy as np
+
+from m3ddm_jax.fileio import atomic_path
 
 # Audio codecs the mp4 muxer takes as they are; any other audio is re-encoded to AAC.
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "ac3", "eac3", "alac"})
@@ -70,8 +71,8 @@ def write_video(path: PathLike, frames: np.ndarray | Iterable[np.ndarray], fps: 
 
     Odd sizes gain one edge-replicated row or column (yuv420p needs even sides). The audio of `audio_from`
     (a path or a `Video`) is copied when mp4 can hold it, otherwise re-encoded to AAC, and cut at the video's
-    end (to the packet or decoded frame, some tens of ms). The file is written under a temporary name in the same folder and renamed when complete, so a
-    failure never leaves a partial file under `path`.
+    end (to the packet or decoded frame, some tens of ms). The file is written atomically (m3ddm_jax.fileio),
+    so a failure never leaves a partial file under `path`.
     """
     path = pathlib.Path(path)
     if not path.parent.is_dir():
@@ -82,15 +83,8 @@ def write_video(path: PathLike, frames: np.ndarray | Iterable[np.ndarray], fps: 
     rate = Fraction(fps).limit_denominator(1_000_000)
     if rate <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(str(path)) as tmp:
         _encode(tmp, iter(frames), rate, audio_path, crf, preset)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _encode(tmp: str, frames, rate: Fraction, audio_path, crf: int, preset: str) -> None:

@@ -1,0 +1,64 @@
+"""The embedded default: a tiny M3DDM trained on CPU in minutes on the bundled clips (assets/videos).
+
+No downloaded weights: the latent space is the weight-free pixel space (space-to-depth by 2), and the UNet
+starts from random initialisation. The run ends by writing sample outpaintings of held-out clips.
+
+    python -m m3ddm_jax.train --config configs/demo.py
+"""
+
+import os
+
+import ml_collections
+
+from m3ddm_jax.pretrained import SD15_SCHEDULER_CONFIG
+from m3ddm_jax.sharding import DEFAULT_RULES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = os.path.join(REPO, "workdir", "demo")
+    c.total_steps = 300
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.compute_dtype = "float32"
+    c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    c.nonfinite = "skip"  # skip (count and go on) | halt
+    c.compilation_cache = "~/.cache/m3ddm_jax/jax"  # persistent XLA cache; "" disables
+
+    c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": ""})
+    c.init = ml_collections.ConfigDict({"weights": ""})  # a weights folder (e.g. an inflated SD 1.5) or random
+    c.model = ml_collections.ConfigDict({
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock3D", "DownBlockP3D"),
+        "up_block_types": ("UpBlockP3D", "CrossAttnUpBlock3D"),
+        "layers_per_block": 1,
+        "attention_heads": 2,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 64,
+        "temporal_position_dim": 32,
+    })
+    c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
+
+    c.data = ml_collections.ConfigDict({
+        "root": os.path.join(REPO, "assets", "videos"),
+        "sources": [],
+        "batch_size": 4,  # global; split over processes
+        "worker_count": 0,
+        "clip": {"num_frames": 8, "num_global_frames": 4, "size": (32, 32), "fps_range": (1.0, 30.0),
+                 "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3)},
+        "masks": {},
+    })
+
+    c.optim = ml_collections.ConfigDict({
+        "lr": 1e-3, "warmup_steps": 20, "decay": "cosine", "end_lr_factor": 0.1, "b1": 0.9, "b2": 0.99,
+        "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.99,
+    })
+    c.optim.total_steps = c.get_ref("total_steps")
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.logical_axis_rules = DEFAULT_RULES
+    return c

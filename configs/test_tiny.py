@@ -1,0 +1,29 @@
+"""The demo shrunk for tests: a few steps of a very small model on 16x16 clips of 4 frames."""
+
+import importlib.util
+import os
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    c = _demo().get_config()
+    c.total_steps = 8
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 3
+    c.optim.warmup_steps = 2
+    c.model.block_out_channels = (16, 16)
+    c.model.cross_attention_dim = 16
+    c.model.temporal_position_dim = 16
+    c.model.norm_num_groups = 4
+    c.data.batch_size = 2
+    c.data.clip.num_frames = 4
+    c.data.clip.num_global_frames = 2
+    c.data.clip.size = (16, 16)
+    return c

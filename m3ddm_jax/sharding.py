@@ -1,0 +1,106 @@
+"""Mesh construction and the logical-axis rules: the one place where sharding policy lives.
+
+Model parameters carry logical axis names as `logical_axes` metadata (see models/layers.py); activations
+are named here ('batch', ...). A rules table maps each logical name to mesh axes, in the style of
+MaxDiffusion's `logical_axis_rules`. Data parallel, FSDP and hybrids differ only by that table and the mesh
+shape. A dimension that does not divide evenly over its mesh axes is replicated instead, so tiny test
+models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Default rules: the batch is split over every data-like axis; FSDP shards each kernel's input dimension
+# ('embed' / 'conv_in'); tensor parallelism (off unless the mesh has a 'tensor' axis > 1) shards heads and
+# the feed-forward width.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv_out", None),
+    ("norm", None),
+    ("frames", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (global) devices with axes ('data', 'fsdp', 'tensor'). One size may be -1: it takes the
+    remaining devices. Axes are Auto (the compiler propagates shardings), not Explicit."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {axis: int((shape or {}).get(axis, 1)) for axis in MESH_AXES}
+    unknown = set(shape or {}) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+        if len(devices) % known:
+            raise ValueError(f"mesh {sizes}: {len(devices)} devices do not split by {known}")
+        sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are present")
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _mesh_axes(name: str | None, rules: Mapping) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    target = rules.get(name)
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence = DEFAULT_RULES) -> P:
+    """PartitionSpec for an array of `shape` whose dimensions carry `logical_axes`. Mesh axes of size 1,
+    axes already used by an earlier dimension, and splits that do not divide the dimension are dropped."""
+    rules = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        axes = [a for a in _mesh_axes(name, rules) if mesh.shape.get(a, 1) > 1 and a not in used]
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()  # drop the innermost split until the rest divides
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec)
+
+
+def state_shardings(state, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+    """NamedShardings for every array of a (possibly abstract) pytree of nnx Variables and arrays, in the
+    same tree structure (each Variable holds its sharding), from the `logical_axes` metadata; arrays without
+    metadata are replicated."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("logical_axes")
+            spec = logical_to_spec(axes, np.shape(x.get_value()), mesh, rules) if axes else P()
+            return x.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_axes(mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch."""
+    return tuple(a for a in _mesh_axes("batch", dict(rules)) if mesh.shape.get(a, 1) > 1)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an activation / data array whose leading dimension is the batch."""
+    axes = batch_axes(mesh, rules)
+    lead = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))

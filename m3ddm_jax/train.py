@@ -1,0 +1,201 @@
+"""Train M3DDM: `python -m m3ddm_jax.train --config configs/NAME.py [--config.key=value ...] [--workdir DIR]`.
+
+clips (grain) -> masks + CFG dropout -> latents -> DDPM noise -> 3D UNet -> epsilon MSE -> sharded AdamW
+step -> EMA -> orbax checkpoint. Resumes from the newest complete checkpoint in the workdir, data position
+included. Multi-host: set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or the flags); each
+process feeds its own data shard and one checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from m3ddm_jax import pretrained, sharding
+from m3ddm_jax.data.pipeline import DataConfig, make_dataset
+from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
+from m3ddm_jax.models.layers import random_init
+from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
+from m3ddm_jax.models.unet3d import UNet3DConfig
+from m3ddm_jax.training import checkpoint, step as train_step
+from m3ddm_jax.training.metrics_log import MetricsLog
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (get_config())", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, samples (default: config.workdir)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+log = logging.getLogger("m3ddm_jax.train")
+
+
+def init_distributed() -> None:
+    """jax.distributed from flags or the JAX_* environment; a single process needs nothing."""
+    num = _NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num <= 1:
+        return
+    # Cross-process collectives of the CPU backend (tests on 127.0.0.1); accelerators ignore it. Querying the
+    # backend here would initialise it, which must not happen before jax.distributed.initialize.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value or os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=num,
+                               process_id=_PROCESS_ID.value if _PROCESS_ID.value is not None
+                               else int(os.environ["JAX_PROCESS_ID"]))
+
+
+def build_codec(cfg):
+    """The latent space: the SD VAE of a converted weights folder, or the weight-free pixel space."""
+    if cfg.latent.kind == "pixel":
+        return PixelSpace(PixelSpaceConfig(factor=cfg.latent.factor))
+    if cfg.latent.kind == "vae":
+        return pretrained.load_model(os.path.join(cfg.latent.weights, pretrained.VAE), dtype=cfg.compute_dtype)
+    raise ValueError(f"latent.kind={cfg.latent.kind!r}: expected 'pixel' or 'vae'")
+
+
+def build_unet(cfg, latent_channels: int):
+    """A fresh UNet from config.model, or the UNet of a weights folder (an inflated SD 1.5, a released model)."""
+    overrides = {"dtype": cfg.compute_dtype, "remat": cfg.remat}
+    if cfg.init.weights:
+        return pretrained.load_model(os.path.join(cfg.init.weights, pretrained.UNET), **overrides)
+    model_cfg = UNet3DConfig(**{**cfg.model.to_dict(), "in_channels": 2 * latent_channels + 1,
+                                "out_channels": latent_channels, **overrides})
+    return random_init(pretrained.abstract_model(model_cfg), seed=cfg.seed)
+
+
+def data_config(cfg) -> DataConfig:
+    values = cfg.data.to_dict()
+    root = values.pop("root", None)
+    if root:
+        values["sources"] = [{"kind": "folder", "path": root}]
+    if not values.get("sources") and not values.get("latent_cache"):
+        raise ValueError("no training data: set --config.data.root=DIR (a folder of videos), data.sources or "
+                         "data.latent_cache")
+    if values["batch_size"] % jax.process_count():
+        raise ValueError(f"data.batch_size={values['batch_size']} (global) does not split over "
+                         f"{jax.process_count()} processes")
+    values["batch_size"] //= jax.process_count()
+    return DataConfig.create(values)
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """Each process's numpy batch -> global arrays sharded over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The sharded training setup: state on the mesh and the compiled step."""
+    mesh: jax.sharding.Mesh
+    state: train_step.TrainState
+    state_shardings: object
+    codec_state: nnx.State
+    step_fn: object
+
+    def step(self, local_batch: dict) -> dict:
+        """One step on this process's batch (numpy); returns the metrics (device arrays)."""
+        inputs = {k: local_batch[k] for k in train_step.BATCH_KEYS if k in local_batch}
+        self.state, metrics = self.step_fn(self.state, self.codec_state, global_batch(inputs, self.mesh))
+        return metrics
+
+
+def build_trainer(cfg, mesh: jax.sharding.Mesh) -> Trainer:
+    rules = [tuple(r) for r in cfg.logical_axis_rules]
+    split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    if cfg.data.batch_size % split:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} (global) does not split over the {split} "
+                         f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split}")
+    codec = build_codec(cfg)
+    unet = build_unet(cfg, codec.config.latent_channels)
+    tx, lr_schedule = train_step.make_optimizer(cfg.optim)
+    schedule = NoiseSchedule.from_config(cfg.scheduler.to_dict())
+    graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
+    codec_graphdef, codec_state = nnx.split(codec)
+    init = lambda p, r: train_step.init_state_from(p, r, tx)
+    state_sh = sharding.state_shardings(jax.eval_shape(init, params, rest), mesh, rules)
+    # The optimiser state is built on the devices, already sharded: never whole on one device.
+    state = jax.jit(init, out_shardings=state_sh)(params, rest)
+    codec_state = jax.device_put(codec_state, sharding.state_shardings(codec_state, mesh, rules))
+    step_fn = jax.jit(
+        train_step.make_train_step(graphdef, codec_graphdef, tx, lr_schedule, schedule,
+                                   ema_decay=cfg.optim.ema_decay, seed=cfg.seed),
+        in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=0)
+    return Trainer(mesh, state, state_sh, codec_state, step_fn)
+
+
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict()))
+    data_iter = iter(make_dataset(data_config(cfg), seed=cfg.seed, shard_index=jax.process_index(),
+                                  shard_count=jax.process_count()))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
+                                   keep=cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        trainer.state = ckpt.restore(start, checkpoint.abstract_like(trainer.state, trainer.state_shardings),
+                                     data_iter)
+        log.info("resumed from step %d", start)
+    metrics_log = MetricsLog(workdir, start_step=start, total_steps=cfg.total_steps,
+                             write=jax.process_index() == 0)
+    config_json = json.loads(cfg.to_json_best_effort())
+
+    last, skipped_videos = {}, 0
+    t_last, s_last = time.perf_counter(), start
+    for step in range(start, cfg.total_steps):
+        batch = next(data_iter)
+        skipped_videos += int(np.sum(batch.pop("skipped")))
+        metrics = trainer.step(batch)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.total_steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            last = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "finite"},
+                    "steps_per_sec": (done - s_last) / (now - t_last),
+                    "skipped_steps": int(jax.device_get(trainer.state.skipped)), "skipped_videos": skipped_videos}
+            t_last, s_last = now, done
+            metrics_log.write(last)
+            if last["skipped_steps"] and cfg.nonfinite == "halt":
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"{last['skipped_steps']} step(s) up to step {done} had a non-finite loss or gradient (they "
+                    f"were not applied); the last checkpoint is step {ckpt.latest_step()}. Lower the learning "
+                    f"rate or check the data, or set nonfinite='skip' to step over such batches.")
+        metrics_log.advance(done)
+        ckpt.save(done, trainer.state, data_iter, config_json, force=done == cfg.total_steps)
+    ckpt.wait()
+    ckpt.close()
+    metrics_log.close()
+    return last
+
+
+def main(argv) -> None:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+    logging.getLogger("m3ddm_jax").setLevel(logging.INFO)
+    cfg = _CONFIG.value
+    if cfg.compilation_cache:
+        # A restarted or resumed run (preemption, the resume test) reuses compiled steps from disk.
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    init_distributed()
+    workdir = _WORKDIR.value or cfg.workdir
+    if not workdir:
+        raise app.UsageError("set --workdir or config.workdir")
+    train(cfg, workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: the masked-frame objective, the sharded train step, checkpoints."""

@@ -1,0 +1,108 @@
+"""The masked-frame objective: a batch of clips and masks -> UNet inputs -> epsilon MSE.
+
+Batch contract (host arrays; B clips of F frames, G global frames, pixel size H x W):
+
+    frames          (B, F, H, W, 3) uint8    the clip
+    global_frames   (B, G, H, W, 3) uint8    frames spread over the whole video
+    fps             (B,) float32             the clip's effective fps
+    mask            (B, H, W) float32        the outpainting mask, 1 = to generate, one per clip
+    given           (B, F) bool              guide frames: shown whole (mask 0), as inference's guides
+    global_masked   (B, G) bool              global frames inside the clip, masked like the clip
+    drop_local      (B,) bool                CFG dropout of the local context
+    drop_global     (B,) bool                CFG dropout of the global context
+
+Conditioning mirrors inference exactly. The conditioning latent of a frame is the latent of the frame
+with the masked region painted black (-1), and the mask channel is the pixel mask sampled at the top-left
+of each latent cell (the official nearest rule). A given (guide) frame has its clean latent and mask 0.
+With local dropout the context becomes the unconditional one of inference: the black-frame latent with an
+all-ones mask, guide frames kept as they are, as the sampler keeps them in both branches. With global
+dropout the global latents are zeros, so the tokens are the encoder applied to zero latents, as inference's
+unconditional global context.
+
+From a latent cache the batch holds posterior `latent_mean`/`latent_std` (and `global_*`) of the unmasked
+frames instead of pixels, so the masked condition is formed in latent space: masked latent cells take the
+black-frame latent. That approximates encoding the black-painted frame (the VAE's receptive field blurs
+the border), the price of never running the encoder during training.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
+from m3ddm_jax.models.unet3d import UNet3D
+from m3ddm_jax.models.vae import LatentCodec
+
+
+def to_unit_range(frames_u8: jax.Array) -> jax.Array:
+    """uint8 -> float32 in [-1, 1], as the official preprocessing ((x / 255 - 0.5) / 0.5)."""
+    return (frames_u8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
+    """(..., H, W) pixel mask -> (..., H/f, W/f): the pixel at the top-left of each latent cell."""
+    return mask[..., ::factor, ::factor]
+
+
+def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, F, H, W, 3) in [-1, 1] -> (B, F, h, w, C) scaled posterior samples, one VAE call for all frames."""
+    b, f = frames.shape[:2]
+    z = codec.encode_to_latents(frames.reshape(b * f, *frames.shape[2:]), key=key)
+    return z.reshape(b, f, *z.shape[1:])
+
+
+def _posterior_sample(codec: LatentCodec, mean, std, key) -> jax.Array:
+    return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * codec.config.scaling_factor
+
+
+def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
+    """Clean latents, conditioning latents, latent mask and global latents for a batch (no gradients)."""
+    k_clip, k_masked, k_global, k_black = jax.random.split(key, 4)
+    mask = batch["mask"].astype(jnp.float32)
+    given = batch["given"][:, :, None, None, None]
+    cached = "latent_mean" in batch
+    if cached:
+        x0 = _posterior_sample(codec, batch["latent_mean"], batch["latent_std"], k_clip)
+        factor = mask.shape[1] // x0.shape[2]
+    else:
+        frames = to_unit_range(batch["frames"])
+        x0 = encode_frames(codec, frames, k_clip)
+        factor = frames.shape[2] // x0.shape[2]
+    m = latent_mask(mask, factor)[:, None, :, :, None] * (1.0 - given.astype(jnp.float32))
+    m = jnp.broadcast_to(m, x0.shape[:-1] + (1,))
+    black = codec.encode_to_latents(jnp.full((1,) + mask.shape[1:] + (3,), -1.0), key=k_black)[0]
+    if cached:
+        cond = jnp.where(m > 0, black, x0)
+    else:
+        pixel_mask = mask[:, None, :, :, None] * (1.0 - given.astype(jnp.float32))
+        cond = encode_frames(codec, jnp.where(pixel_mask > 0, -1.0, frames), k_masked)
+
+    drop = batch["drop_local"][:, None, None, None, None] & ~given
+    cond = jnp.where(drop, black, cond)
+    m = jnp.where(drop, 1.0, m)
+
+    if cached:
+        g = _posterior_sample(codec, batch["global_latent_mean"], batch["global_latent_std"], k_global)
+        gmask = batch["global_masked"][:, :, None, None, None] & (latent_mask(mask, factor)[:, None, :, :, None] > 0)
+        global_latents = jnp.where(gmask, black, g)
+    else:
+        g = to_unit_range(batch["global_frames"])
+        gmask = batch["global_masked"][:, :, None, None, None] & (mask[:, None, :, :, None] > 0)
+        global_latents = encode_frames(codec, jnp.where(gmask, -1.0, g), k_global)
+    global_latents = jnp.where(batch["drop_global"][:, None, None, None, None], 0.0, global_latents)
+    return jax.lax.stop_gradient({"x0": x0, "cond": cond, "mask": m, "global_latents": global_latents})
+
+
+def loss(unet: UNet3D, schedule: NoiseSchedule, inputs: dict, fps: jax.Array, key: jax.Array) -> jax.Array:
+    """Epsilon MSE at a uniformly drawn timestep per clip (DDPM forward process)."""
+    x0 = inputs["x0"]
+    b = x0.shape[0]
+    k_t, k_noise = jax.random.split(key)
+    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    xt = schedule.add_noise(x0, noise, t)
+    g = inputs["global_latents"]
+    tokens = unet.encode_global(g.reshape(-1, *g.shape[2:]), b)
+    eps = unet(jnp.concatenate([xt, inputs["cond"], inputs["mask"]], axis=-1), t, fps, tokens)
+    return jnp.mean(jnp.square(eps - schedule.training_target(x0, noise, t)))

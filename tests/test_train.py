@@ -1,0 +1,210 @@
+"""Training: resume after kill -9, sharded == single-device, two processes, non-finite steps.
+
+Runs go through `python -m m3ddm_jax.train` in subprocesses (a simulated device count must be set before
+JAX starts, and kill -9 needs a process). They share one persistent compilation cache, so the same step is
+compiled once per session.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+CONFIG = str(REPO / "configs" / "test_tiny.py")
+COMPARED = ("loss", "grad_norm", "learning_rate")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def train_cmd(workdir, cache_dir, *overrides):
+    return [sys.executable, "-m", "m3ddm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
+            f"--config.compilation_cache={cache_dir}", *overrides]
+
+
+def env(**extra):
+    """The test's environment without a simulated device count, plus `extra`."""
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**e, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run(cmd, timeout=600, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def finished_steps(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, cache_dir):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    run(train_cmd(workdir, cache_dir, "--config.total_steps=10"), env=env())
+    return workdir
+
+
+def test_uninterrupted_run_learns_and_checkpoints(uninterrupted):
+    rows = metrics(uninterrupted)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert finished_steps(uninterrupted) == [6, 8, 10]  # keep_checkpoints = 3
+    assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in rows)
+    assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, cache_dir, uninterrupted):
+    workdir = str(tmp_path / "run")
+    cmd = train_cmd(workdir, cache_dir, "--config.total_steps=10")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = finished_steps(workdir)
+    assert killed_at and killed_at[-1] < 10, f"the run was not interrupted mid-way (checkpoints {killed_at})"
+
+    run(cmd, env=env())
+    resumed, reference = metrics(workdir), metrics(uninterrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 11))  # lines past the restored step were replaced
+    for got, want in zip(resumed, reference):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
+
+
+SHARDED_CHECK = r"""
+import sys, json
+import jax, numpy as np
+from ml_collections import config_flags
+import importlib.util
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod); cfg = mod.get_config()
+cfg.data.batch_size = 8  # splits over the 2 x 4 mesh
+from m3ddm_jax import sharding
+from m3ddm_jax.train import build_trainer, data_config
+from m3ddm_jax.data.pipeline import make_dataset
+batches = []
+it = iter(make_dataset(data_config(cfg), seed=0))
+batches = [next(it) for _ in range(2)]
+out = {}
+for name, shape, devices in [("single", {"data": 1}, jax.devices()[:1]), ("mesh", {"data": 2, "fsdp": 4}, jax.devices())]:
+    t = build_trainer(cfg, sharding.make_mesh(shape, devices))
+    losses = [float(t.step(dict(b))["loss"]) for b in batches]
+    params = jax.tree.leaves(jax.device_get(t.state.params))
+    out[name] = (losses, params)
+    fsdp = [s.spec for s in jax.tree.leaves(t.state_shardings.params)]
+    if name == "mesh":
+        assert any("fsdp" in str(s) for s in fsdp), "no parameter is sharded over fsdp"
+diff = max(float(np.abs(a - b).max()) for a, b in zip(out["single"][1], out["mesh"][1]))
+print(json.dumps({"losses": [out["single"][0], out["mesh"][0]], "param_diff": diff}))
+"""
+
+
+def test_sharded_step_equals_single_device(cache_dir):
+    proc = run([sys.executable, "-c", SHARDED_CHECK, CONFIG],
+               env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+                       JAX_COMPILATION_CACHE_DIR=cache_dir))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    single, mesh = result["losses"]
+    np.testing.assert_allclose(mesh, single, rtol=1e-5)
+    assert result["param_diff"] < 1e-5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_one_checkpoint(tmp_path, cache_dir):
+    """Two hosts on 127.0.0.1 (gloo): each feeds its own data shard, process 0 writes metrics, one checkpoint."""
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    procs = [subprocess.Popen(train_cmd(workdir, cache_dir, "--config.total_steps=4", "--config.mesh.data=2"),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu"))
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    assert finished_steps(workdir) == [2, 4]
+    assert [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4]
+    # Both data shards got checkpointed positions (grain writes one file per process).
+    step_dir = os.path.join(workdir, "checkpoints", "4", "data")
+    assert len([f for f in os.listdir(step_dir) if "process" in f]) == 2, os.listdir(step_dir)
+
+
+def tiny_batch(rng, b=2, f=4, g=2, size=16):
+    mask = np.zeros((b, size, size), np.uint8)
+    mask[:, :, : size // 4] = 1  # left band, aligned to the latent cells
+    return {"frames": rng.integers(0, 256, (b, f, size, size, 3), dtype=np.uint8),
+            "global_frames": rng.integers(0, 256, (b, g, size, size, 3), dtype=np.uint8),
+            "fps": np.full((b,), 8.0, np.float32), "mask": mask,
+            "given": np.array([[True, False, False, True], [False] * 4]),
+            "global_masked": np.array([[True, False], [False, True]]),
+            "drop_local": np.array([False, True]), "drop_global": np.array([True, False])}
+
+
+def test_cached_latents_give_the_same_inputs_as_pixels():
+    """In the pixel latent space (no receptive field) masking in latent space is exact, so training from a
+    latent cache must see exactly what training from frames sees."""
+    import jax
+
+    from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
+    from m3ddm_jax.training import objective
+
+    codec = PixelSpace(PixelSpaceConfig(factor=2))
+    batch = tiny_batch(np.random.default_rng(0))
+    cached = dict(batch)
+    for key, name in (("frames", "latent"), ("global_frames", "global_latent")):
+        x = objective.to_unit_range(cached.pop(key))
+        mean, std = codec.encode(x.reshape(-1, *x.shape[2:]))
+        cached[f"{name}_mean"] = mean.reshape(*x.shape[:2], *mean.shape[1:])
+        cached[f"{name}_std"] = std.reshape(*x.shape[:2], *std.shape[1:])
+    key = jax.random.key(0)
+    a, b = objective.unet_inputs(codec, batch, key), objective.unet_inputs(codec, cached, key)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Local dropout keeps the guide frames, as the sampler's unconditional branch does.
+    assert float(a["mask"][1].min()) == 1.0 and float(a["mask"][0, 0].max()) == 0.0
+
+
+def test_nonfinite_step_is_skipped_and_counted(cache_dir):
+    import jax
+
+    from m3ddm_jax import sharding
+    from m3ddm_jax.train import build_trainer
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    spec = importlib.util.spec_from_file_location("test_tiny", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trainer = build_trainer(module.get_config(), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    batch = tiny_batch(np.random.default_rng(1))
+    before = jax.device_get(trainer.state.params)
+    bad = dict(batch, fps=np.full((2,), np.nan, np.float32))
+    metrics = jax.device_get(trainer.step(bad))
+    assert not metrics["finite"] and int(trainer.state.skipped) == 1
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(trainer.state.params))):
+        np.testing.assert_array_equal(x, y)
+    assert jax.device_get(trainer.step(batch))["finite"]
+    assert int(trainer.state.step) == 2
