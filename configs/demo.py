@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict({
         "root": os.path.join(REPO, "assets", "videos"),
         "sources": [],
+        "latent_cache": "",  # a folder written by tools/cache_latents.py: train from it instead
         "batch_size": 4,  # global; split over processes
         "worker_count": 0,
         "clip": {"num_frames": 8, "num_global_frames": 4, "size": (32, 32), "fps_range": (1.0, 30.0),

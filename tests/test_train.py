@@ -99,14 +99,14 @@ spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); mod = importl
 spec.loader.exec_module(mod); cfg = mod.get_config()
 cfg.data.batch_size = 8  # splits over the 2 x 4 mesh
 from m3ddm_jax import sharding
-from m3ddm_jax.train import build_trainer, data_config
+from m3ddm_jax.training.trainer import build_trainer, data_config
 from m3ddm_jax.data.pipeline import make_dataset
 batches = []
 it = iter(make_dataset(data_config(cfg), seed=0))
 batches = [next(it) for _ in range(2)]
-out = {}
+out, trainers = {}, {}
 for name, shape, devices in [("single", {"data": 1}, jax.devices()[:1]), ("mesh", {"data": 2, "fsdp": 4}, jax.devices())]:
-    t = build_trainer(cfg, sharding.make_mesh(shape, devices))
+    t = trainers[name] = build_trainer(cfg, sharding.make_mesh(shape, devices))
     losses = [float(t.step(dict(b))["loss"]) for b in batches]
     params = jax.tree.leaves(jax.device_get(t.state.params))
     out[name] = (losses, params)
@@ -114,18 +114,29 @@ for name, shape, devices in [("single", {"data": 1}, jax.devices()[:1]), ("mesh"
     if name == "mesh":
         assert any("fsdp" in str(s) for s in fsdp), "no parameter is sharded over fsdp"
 diff = max(float(np.abs(a - b).max()) for a, b in zip(out["single"][1], out["mesh"][1]))
-print(json.dumps({"losses": [out["single"][0], out["mesh"][0]], "param_diff": diff}))
+# A checkpoint of the 8-device FSDP state restores onto one device (a different mesh and device count).
+from m3ddm_jax.training.checkpoint import Checkpointer, abstract_like
+ckpt = Checkpointer(sys.argv[2], save_every=1, keep=1)
+ckpt.save(2, trainers["mesh"].state, None, {}, force=True)
+ckpt.wait()
+single = trainers["single"]
+restored = ckpt.restore(2, abstract_like(single.state, single.state_shardings))
+assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(restored))
+restore_diff = max(float(np.abs(a - b).max()) for a, b in
+                   zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(trainers["mesh"].state))))
+print(json.dumps({"losses": [out["single"][0], out["mesh"][0]], "param_diff": diff, "restore_diff": restore_diff}))
 """
 
 
-def test_sharded_step_equals_single_device(cache_dir):
-    proc = run([sys.executable, "-c", SHARDED_CHECK, CONFIG],
+def test_sharded_step_equals_single_device_and_restores_on_another_mesh(cache_dir, tmp_path):
+    proc = run([sys.executable, "-c", SHARDED_CHECK, CONFIG, str(tmp_path / "ckpt")],
                env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                        JAX_COMPILATION_CACHE_DIR=cache_dir))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     single, mesh = result["losses"]
     np.testing.assert_allclose(mesh, single, rtol=1e-5)
     assert result["param_diff"] < 1e-5
+    assert result["restore_diff"] == 0.0
 
 
 def free_port():
@@ -192,7 +203,7 @@ def test_nonfinite_step_is_skipped_and_counted(cache_dir):
     import jax
 
     from m3ddm_jax import sharding
-    from m3ddm_jax.train import build_trainer
+    from m3ddm_jax.training.trainer import build_trainer
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     spec = importlib.util.spec_from_file_location("test_tiny", CONFIG)

@@ -1,10 +1,20 @@
 """Convert PyTorch checkpoints into an m3ddm_jax weights folder (see m3ddm_jax/pretrained.py).
 
     python tools/convert_checkpoint.py m3ddm --src DIR --dst OUT [--vae SD_VAE_DIR]
+    python tools/convert_checkpoint.py sd --src SD_DIR_OR_FILE --dst SD_OUT [--unet-config F --vae-config F]
+    python tools/convert_checkpoint.py inflate --src SD_OUT --dst M3DDM_INIT [--config F] [--seed N]
 
 `m3ddm`: the authors' released UNet (a folder with config.json and diffusion_pytorch_model.{safetensors,bin},
 or a weights file with --config), plus the Stable Diffusion VAE (a diffusers vae/ folder, or a weights
 file with --vae-config). OUT then holds everything the outpainting CLI needs.
+
+`sd`: Stable Diffusion 1.x, a diffusers folder (unet/, vae/, scheduler/) or an original .ckpt/.safetensors
+(SD 1.5's configs unless --unet-config/--vae-config name diffusers config.json files). SD_OUT holds the SD
+UNet (the 3D UNet's 2D mode), the VAE and the scheduler config.
+
+`inflate`: an `sd` folder -> the initial M3DDM UNet (see m3ddm_jax/convert/inflate.py), with the same VAE
+and scheduler. --config is a JSON file of UNet3DConfig fields that override the inflated config.
+conversion.json in the output folder reports how every tensor started.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from m3ddm_jax import pretrained  # noqa: E402
-from m3ddm_jax.convert import m3ddm  # noqa: E402
+from m3ddm_jax.convert import inflate, m3ddm, sd  # noqa: E402
 from m3ddm_jax.convert.sources import find_weights, open_state_dict  # noqa: E402
 from m3ddm_jax.convert.vae import load_vae_folder, vae_from_torch  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
@@ -70,6 +80,42 @@ def convert_m3ddm(args) -> dict:
     return report
 
 
+def _read_json(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def convert_sd(args) -> dict:
+    t0 = time.time()
+    weights, report = sd.load_stable_diffusion(args.src, unet_config=_read_json(args.unet_config),
+                                               vae_config=_read_json(args.vae_config))
+    report["unet_values"], report["vae_values"] = _count(weights.unet), _count(weights.vae)
+    pretrained.save_weights(args.dst, unet=weights.unet, vae=weights.vae, scheduler_config=weights.scheduler_config,
+                            report=report, overwrite=args.overwrite)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.dst} in {time.time() - t0:.1f} s: SD UNet {report['unet_values']:,} values, "
+          f"VAE {report['vae_values']:,} values")
+    return report
+
+
+def convert_inflate(args) -> dict:
+    t0 = time.time()
+    weights = pretrained.load_weights(args.src)
+    config = inflate.inflated_config(weights.unet.config, **(_read_json(args.config) or {}))
+    unet, entries = inflate.inflate(weights.unet, config, seed=args.seed)
+    report = {"source": os.path.abspath(args.src), **inflate.report(entries, config, args.seed)}
+    pretrained.save_weights(args.dst, unet=unet, vae=weights.vae, scheduler_config=weights.scheduler_config,
+                            report=report, overwrite=args.overwrite)
+    print(report["property"])
+    for what, row in report["summary"].items():
+        print(f"  {what}: {row['tensors']} tensors, {row['values']:,} values")
+    print(f"wrote {args.dst} in {time.time() - t0:.1f} s; every tensor is listed in "
+          f"{os.path.join(args.dst, 'conversion.json')}")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -83,6 +129,22 @@ def main(argv=None) -> int:
     p.add_argument("--dst", required=True, help="output weights folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     p.set_defaults(run=convert_m3ddm)
+
+    p = sub.add_parser("sd", help="Stable Diffusion 1.x (diffusers folder or original single file)")
+    p.add_argument("--src", required=True, help="diffusers folder (unet/, vae/, scheduler/) or .ckpt/.safetensors")
+    p.add_argument("--unet-config", help="diffusers unet config.json for a single file (default: SD 1.5's)")
+    p.add_argument("--vae-config", help="diffusers vae config.json for a single file (default: SD 1.5's)")
+    p.add_argument("--dst", required=True, help="output weights folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.set_defaults(run=convert_sd)
+
+    p = sub.add_parser("inflate", help="an `sd` weights folder -> the initial M3DDM 3D UNet")
+    p.add_argument("--src", required=True, help="weights folder written by the `sd` subcommand")
+    p.add_argument("--config", help="JSON file of UNet3DConfig fields overriding the inflated config")
+    p.add_argument("--seed", type=int, default=0, help="seed of the newly initialised tensors")
+    p.add_argument("--dst", required=True, help="output weights folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.set_defaults(run=convert_inflate)
     args = parser.parse_args(argv)
     try:
         args.run(args)

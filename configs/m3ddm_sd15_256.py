@@ -1,0 +1,60 @@
+"""The paper's setting: M3DDM initialised from Stable Diffusion 1.5, 16 frames at 256x256, 16 global frames.
+
+Prepare the initial weights and the VAE once (see README):
+
+    python tools/convert_checkpoint.py sd --src SD15_DIR --dst weights/sd15
+    python tools/convert_checkpoint.py inflate --src weights/sd15 --dst weights/m3ddm_init
+
+then, on every host of the job:
+
+    python -m m3ddm_jax.train --config configs/m3ddm_sd15_256.py --config.data.root=/data/videos \\
+        --workdir gs://bucket/runs/m3ddm   # or a local folder
+
+Defaults shard the 1.3B parameters, their AdamW moments and the EMA over all devices (FSDP, ZeRO-3 style)
+and split the batch over the same devices; set mesh.data > 1 for hybrid data x FSDP on many hosts.
+"""
+
+import ml_collections
+
+from m3ddm_jax.pretrained import SD15_SCHEDULER_CONFIG
+from m3ddm_jax.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = ""
+    c.total_steps = 100_000
+    c.log_every = 50
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.compute_dtype = "bfloat16"
+    c.remat = "dots"
+    c.nonfinite = "skip"
+    c.compilation_cache = "~/.cache/m3ddm_jax/jax"
+
+    c.latent = ml_collections.ConfigDict({"kind": "vae", "factor": 8, "weights": "weights/sd15"})
+    c.init = ml_collections.ConfigDict({"weights": "weights/m3ddm_init"})  # the inflated SD 1.5 UNet
+    c.model = ml_collections.ConfigDict({})  # the architecture comes from init.weights
+    c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
+
+    c.data = ml_collections.ConfigDict({
+        "root": "",
+        "sources": [],
+        "latent_cache": "",
+        "batch_size": 256,  # global
+        "worker_count": 8,
+        "clip": {"num_frames": 16, "num_global_frames": 16, "size": (256, 256), "fps_range": (1.0, 30.0),
+                 "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3)},
+        "masks": {},  # the paper's defaults (m3ddm_jax.data.masks.MaskConfig)
+    })
+
+    c.optim = ml_collections.ConfigDict({
+        "lr": 5e-5, "warmup_steps": 1_000, "decay": "cosine", "end_lr_factor": 0.1, "b1": 0.9, "b2": 0.999,
+        "eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0, "ema_decay": 0.9999,
+    })
+    c.optim.total_steps = c.get_ref("total_steps")
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.logical_axis_rules = DEFAULT_RULES
+    return c
