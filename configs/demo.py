@@ -44,8 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
 
     c.data = ml_collections.ConfigDict({
-        "root": os.path.join(REPO, "assets", "videos"),
-        "sources": [],
+        "root": "",  # --config.data.root=DIR trains on every video under DIR instead
+        "sources": [{"kind": "folder", "path": os.path.join(REPO, "assets", "videos"),
+                     "manifest": os.path.join(REPO, "assets", "videos", "train.txt")}],
         "latent_cache": "",  # a folder written by tools/cache_latents.py: train from it instead
         "batch_size": 4,  # global; split over processes
         "worker_count": 0,
@@ -59,6 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
         "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.99,
     })
     c.optim.total_steps = c.get_ref("total_steps")
+
+    # Held-out clip (not in the training manifest), outpainted to 9:16 with the EMA weights at the end.
+    c.sample = ml_collections.ConfigDict({
+        "every": 0,  # also every N steps; 0: only when training ends
+        "videos": [os.path.join(REPO, "assets", "videos", "stream_of_water.mp4")],
+        "max_frames": 32, "ratio": "9:16", "steps": 25, "guidance_scale": 2.0, "global_guidance_scale": 4.0,
+        "seed": 0, "canvas_long_side": 32, "global_hw": (32, 32), "grid_columns": 8,
+    })
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = DEFAULT_RULES

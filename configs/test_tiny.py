@@ -26,4 +26,5 @@ def get_config():
     c.data.clip.num_frames = 4
     c.data.clip.num_global_frames = 2
     c.data.clip.size = (16, 16)
+    c.sample.videos = []  # tests that want samples set them
     return c

@@ -10,6 +10,7 @@ models run on any mesh.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -32,6 +33,22 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
     ("norm", None),
     ("frames", None),
 )
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """jax.distributed for a multi-host job, from the arguments or the JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID environment; a single process needs nothing. Call it before
+    anything touches a JAX device."""
+    num = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num <= 1:
+        return
+    # Cross-process collectives of the CPU backend (tests on 127.0.0.1); accelerators ignore it. Querying the
+    # backend here would initialise it, which must not happen before jax.distributed.initialize.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address or os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=num,
+        process_id=process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"]))
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -20,7 +20,8 @@ from ml_collections import config_flags
 
 from m3ddm_jax import sharding
 from m3ddm_jax.data.pipeline import make_dataset
-from m3ddm_jax.training import checkpoint
+from m3ddm_jax.sampling.pipeline import Outpainter
+from m3ddm_jax.training import checkpoint, samples
 from m3ddm_jax.training.metrics_log import MetricsLog
 from m3ddm_jax.training.trainer import build_trainer, data_config
 
@@ -33,18 +34,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 log = logging.getLogger("m3ddm_jax.train")
 
 
-def init_distributed() -> None:
-    """jax.distributed from flags or the JAX_* environment; a single process needs nothing."""
-    num = _NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if num <= 1:
+def sample(cfg, trainer, workdir: str, step: int) -> None:
+    """Outpaints the held-out clips with the EMA parameters (process 0 writes them)."""
+    if not cfg.sample.videos:
         return
-    # Cross-process collectives of the CPU backend (tests on 127.0.0.1); accelerators ignore it. Querying the
-    # backend here would initialise it, which must not happen before jax.distributed.initialize.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value or os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=num,
-                               process_id=_PROCESS_ID.value if _PROCESS_ID.value is not None
-                               else int(os.environ["JAX_PROCESS_ID"]))
+    unet = trainer.ema_unet()
+    if jax.process_index() != 0:
+        return
+    outpainter = Outpainter(unet, trainer.codec, cfg.scheduler.to_dict(), steps=cfg.sample.steps,
+                            guidance_scale=cfg.sample.guidance_scale,
+                            global_guidance_scale=cfg.sample.global_guidance_scale)
+    videos = samples.load_videos(cfg.sample.videos, cfg.sample.max_frames)
+    grid = samples.write_samples(os.path.join(workdir, "samples", f"step_{step:07d}"), outpainter, videos,
+                                 cfg.sample)
+    log.info("samples of step %d: %s", step, grid)
 
 
 def train(cfg, workdir: str) -> dict:
@@ -87,6 +90,8 @@ def train(cfg, workdir: str) -> dict:
                     f"rate or check the data, or set nonfinite='skip' to step over such batches.")
         metrics_log.advance(done)
         ckpt.save(done, trainer.state, data_iter, config_json, force=done == cfg.total_steps)
+        if done == cfg.total_steps or (cfg.sample.every and done % cfg.sample.every == 0):
+            sample(cfg, trainer, workdir, done)
     ckpt.wait()
     ckpt.close()
     metrics_log.close()
@@ -102,7 +107,7 @@ def main(argv) -> None:
         # A restarted or resumed run (preemption, the resume test) reuses compiled steps from disk.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    init_distributed()
+    sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or cfg.workdir
     if not workdir:
         raise app.UsageError("set --workdir or config.workdir")

@@ -25,7 +25,11 @@ COMPARED = ("loss", "grad_norm", "learning_rate")
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    """One persistent compilation cache for the whole session, shared by xdist workers (JAX writes its cache
+    entries atomically)."""
+    path = tmp_path_factory.getbasetemp().parent / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 def train_cmd(workdir, cache_dir, *overrides):

@@ -5,9 +5,10 @@ Flax modules in this package are named after their PyTorch counterparts, so a Fl
 'down_blocks.0.resnets.1.norm1.weight'. Where the two trees differ in shape (to_out is `to_out.0` in
 PyTorch, GEGLU's Linear is `ff.net.0.proj`), a model family passes regex renames.
 
-Layouts: PyTorch Linear (O, I) -> (I, O); ConvNd (O, I, *k) -> (*k, I, O); a Conv3d with a singleton time
-kernel -> the 2-D conv; a 1x1(x1) conv -> a Linear. The same rule works on shapes alone (through
-zero-stride views), which lets a full-size model be checked against a manifest without allocating it.
+Layouts: PyTorch Linear (O, I) -> (I, O); ConvNd (O, I, *k) -> (*k, I, O), so a Conv3d onto a 3-D Flax conv
+-> (kt, kh, kw, I, O); a Conv3d with a singleton time kernel onto a 2-D conv -> (kh, kw, I, O); a 1x1(x1)
+conv -> a Linear. The same rule works on shapes alone (through zero-stride views), which lets a full-size
+model be checked against a manifest without allocating it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ IGNORED_SUFFIXES = ("num_batches_tracked",)
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
 
+CONFIG_HINT = "Check that the config (config.json) belongs to these weights, and that the file is the right model."
+
 
 class CheckpointMismatchError(ValueError):
-    """A state dict does not match the model: lists every missing, unexpected and misshapen tensor."""
+    """A state dict does not match the model: lists every missing, unexpected and misshapen tensor, then
+    `hint`, the likely fix (by default: a config that does not belong to the weights)."""
 
     def __init__(self, what: str, missing: Sequence[str], unexpected: Sequence[str],
-                 mismatched: Sequence[tuple[str, tuple, tuple]]):
+                 mismatched: Sequence[tuple[str, tuple, tuple]], hint: str = CONFIG_HINT):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
         lines = [f"{what}: the checkpoint does not match the model "
                  f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
@@ -43,8 +47,7 @@ class CheckpointMismatchError(ValueError):
         if self.mismatched:
             lines.append("  shape mismatches: " + show(
                 [f"{k} (checkpoint {tuple(s)}, model expects {tuple(e)} in Flax layout)" for k, s, e in self.mismatched]))
-        lines.append("  Check that the config (config.json) belongs to these weights, and that the file is the "
-                     "right model.")
+        lines.append(f"  {hint}")
         super().__init__("\n".join(lines))
 
 
@@ -61,7 +64,7 @@ def to_flax_layout(x: np.ndarray, leaf: str, flax_ndim: int) -> np.ndarray:
     """Reorders one PyTorch tensor (or zero-stride view) into the Flax layout of leaf `leaf`."""
     if leaf != "kernel":
         return x
-    if x.ndim == 5:  # Conv3d: only singleton time kernels map onto 2-D convs / Linears
+    if x.ndim == 5 and flax_ndim != 5:  # a Conv3d onto a 2-D conv / Linear: only singleton time kernels
         if x.shape[2] != 1:
             raise ValueError(f"Conv3d kernel {x.shape} has a time extent; no 2-D counterpart")
         x = x[:, :, 0]
@@ -95,9 +98,9 @@ class Plan:
 
 
 def plan(flat_state: Iterable[tuple[tuple, object]], torch_shapes: Mapping[str, Sequence[int]], *, what: str,
-         renames: Iterable[tuple[str, str]] = ()) -> Plan:
+         renames: Iterable[tuple[str, str]] = (), hint: str = CONFIG_HINT) -> Plan:
     """Matches a flat Flax state against PyTorch key -> shape. Raises CheckpointMismatchError listing every
-    problem at once; returns the plan otherwise."""
+    problem at once (ending with `hint`); returns the plan otherwise."""
     renames = list(renames)
     targets, missing, mismatched = {}, [], []
     for path, var in flat_state:
@@ -115,20 +118,20 @@ def plan(flat_state: Iterable[tuple[tuple, object]], torch_shapes: Mapping[str, 
     ignored = [k for k in torch_shapes if k not in targets and k.endswith(IGNORED_SUFFIXES)]
     unexpected = [k for k in torch_shapes if k not in targets and k not in ignored]
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(what, missing, unexpected, mismatched)
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
     return Plan(targets, ignored)
 
 
 def flax_state_from_torch(abstract_model: nnx.Module, get_tensor: Callable[[str], np.ndarray],
                           torch_shapes: Mapping[str, Sequence[int]], *, what: str,
-                          renames: Iterable[tuple[str, str]] = ()) -> nnx.State:
+                          renames: Iterable[tuple[str, str]] = (), hint: str = CONFIG_HINT) -> nnx.State:
     """Fills the state of an abstract model (from `nnx.eval_shape`) from PyTorch tensors, one at a time.
 
     `get_tensor(name)` loads a single tensor, so a 1.3B-parameter checkpoint never exists twice in memory.
     """
     state = nnx.state(abstract_model)
     flat = nnx.to_flat_state(state)
-    p = plan(flat, torch_shapes, what=what, renames=renames)
+    p = plan(flat, torch_shapes, what=what, renames=renames, hint=hint)
     by_path = {path: name for name, (path, _) in p.targets.items()}
     leaves = []
     for path, var in flat:

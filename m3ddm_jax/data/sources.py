@@ -17,8 +17,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from m3ddm_jax.data.decode import SEEK_GAP, VideoError, VideoInfo, probe, read_frames
+from m3ddm_jax.video.io import VIDEO_EXTENSIONS
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 
 
 class Video(Protocol):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3ddm_jax.metrics.layers import TorchConv, max_pool
+from m3ddm_jax.metrics.layers import max_pool, precise_conv
 
 HEAD_POOL = (2, 7, 7)
 # Inception blocks: name -> (input channels, (b0, b1a, b1b, b2a, b2b, b3b) output channels).
@@ -45,12 +45,17 @@ TRUNK_STRIDES = ((2, 2, 2),) + tuple(e[2] for e in ENDPOINTS if isinstance(e, tu
 
 
 class Unit3D(nnx.Module):
-    """Conv3d ('SAME') -> BatchNorm (inference statistics) -> ReLU, each part optional as in pytorch_i3d."""
+    """Conv3d ('SAME') -> BatchNorm (inference statistics) -> ReLU, each part optional as in pytorch_i3d.
+
+    pytorch_i3d pads each axis of size n by max(k - s, 0) if n % s == 0 else max(k - n % s, 0), the extra
+    pixel after. XLA's 'SAME' pads max((ceil(n / s) - 1) * s + k - n, 0), also the extra pixel after: the
+    same total for every n, k and s, so 'SAME' reproduces it for any stride and input size.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=(1, 1, 1), stride=(1, 1, 1), *,
                  rngs: nnx.Rngs, batch_norm: bool = True, use_bias: bool = False, relu: bool = True):
-        self.conv3d = TorchConv(in_channels, out_channels, kernel, stride=stride, padding="SAME",
-                                use_bias=use_bias, rngs=rngs)
+        self.conv3d = precise_conv(in_channels, out_channels, kernel, strides=stride, padding="SAME",
+                                   use_bias=use_bias, rngs=rngs)
         self.bn = (nnx.BatchNorm(out_channels, use_running_average=True, epsilon=1e-3, rngs=rngs)
                    if batch_norm else None)
         self.relu = relu

@@ -1,10 +1,8 @@
 """Convolution and pooling for the metric networks (LPIPS' AlexNet, I3D), channels-last activations.
 
-`TorchConv` keeps its kernel in PyTorch's (O, I, *k) layout under the name `weight`: the shared mapping
-(convert/mapping.py) converts only 2-D convolutions to Flax layout, and a PyTorch-layout kernel lets the
-3-D convolutions of I3D load through the same key and shape checks unchanged. XLA picks its own physical
-layout either way. Metric convolutions run at HIGHEST precision: a reduced-precision default (TF32 on
-GPUs, bfloat16 passes on TPUs) would shift the scores.
+Convolutions are the package's `models.layers.conv` (Flax layout, loaded through the shared mapping), pinned
+to float32 at HIGHEST precision: a reduced-precision default (TF32 on GPUs, bfloat16 passes on TPUs) would
+shift the scores.
 """
 
 from __future__ import annotations
@@ -15,32 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_DIMENSION_NUMBERS = {2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
+from m3ddm_jax.models import layers
 
 
-class TorchConv(nnx.Module):
-    """An N-d convolution (N = 2 or 3) over channels-last input with a PyTorch-layout kernel.
-
-    `padding` is PyTorch's symmetric integer padding, or 'SAME' for TensorFlow's (extra pixel after), which
-    is what pytorch_i3d's dynamic padding computes.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rngs: nnx.Rngs,
-                 stride: int | Sequence[int] = 1, padding: int | str = 0, use_bias: bool = True):
-        kernel_size = tuple(kernel_size)
-        nd = len(kernel_size)
-        self.strides = (stride,) * nd if isinstance(stride, int) else tuple(stride)
-        self.padding = padding if isinstance(padding, str) else ((padding, padding),) * nd
-        init = nnx.initializers.lecun_normal(in_axis=1, out_axis=0)
-        self.weight = nnx.Param(init(rngs.params(), (out_channels, in_channels) + kernel_size, jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.weight.value
-        y = jax.lax.conv_general_dilated(x, w, self.strides, self.padding,
-                                         dimension_numbers=_DIMENSION_NUMBERS[w.ndim - 2],
-                                         precision=jax.lax.Precision.HIGHEST)
-        return y if self.bias is None else y + self.bias.value
+def precise_conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rngs: nnx.Rngs,
+                 **kwargs) -> nnx.Conv:
+    """`models.layers.conv` (same keyword arguments: strides, padding, use_bias) in float32 at HIGHEST."""
+    return layers.conv(in_channels, out_channels, kernel_size, rngs=rngs, dtype=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST, **kwargs)
 
 
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], *, same: bool = False) -> jax.Array:

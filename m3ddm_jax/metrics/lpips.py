@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3ddm_jax.metrics.layers import TorchConv, max_pool
+from m3ddm_jax.metrics.layers import max_pool, precise_conv
 
 # lpips.ScalingLayer: ImageNet statistics of frames mapped to [-1, 1].
 SHIFT = (-0.030, -0.088, -0.188)
@@ -29,7 +29,7 @@ class AlexNetFeatures(nnx.Module):
     """torchvision's AlexNet `features`, returning the five ReLU outputs LPIPS compares."""
 
     def __init__(self, *, rngs: nnx.Rngs):
-        self.convs = nnx.List([TorchConv(i, o, (k, k), stride=s, padding=p, rngs=rngs)
+        self.convs = nnx.List([precise_conv(i, o, (k, k), strides=s, padding=p, rngs=rngs)
                                for i, o, k, s, p, _ in ALEXNET])
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -49,7 +49,7 @@ class LPIPS(nnx.Module):
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.alexnet = AlexNetFeatures(rngs=rngs)
-        self.lin = nnx.List([TorchConv(o, 1, (1, 1), use_bias=False, rngs=rngs) for _, o, *_ in ALEXNET])
+        self.lin = nnx.List([precise_conv(o, 1, (1, 1), use_bias=False, rngs=rngs) for _, o, *_ in ALEXNET])
 
     def __call__(self, pred: jax.Array, target: jax.Array) -> jax.Array:
         if pred.shape != target.shape or pred.shape[-1:] != (3,):

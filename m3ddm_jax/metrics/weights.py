@@ -29,7 +29,7 @@ def _fill(module: nnx.Module, path: str, role: str, *, renames=(), skip: tuple[s
     source = open_state_dict(path)
     shapes = {k: s for k, s in source.shapes.items() if not k.startswith(skip)}
     nnx.update(module, flax_state_from_torch(module, source.__getitem__, shapes, what=f"{role}, {path}",
-                                             renames=renames))
+                                             renames=renames, hint=f"Check that {path} is the {role} file."))
 
 
 def load_lpips(lin_path: str, alexnet_path: str) -> LPIPS:

@@ -63,11 +63,13 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype,
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rngs: nnx.Rngs, dtype: Dtype,
-         strides: int | Sequence[int] = 1, padding: int | str = "same_torch", use_bias: bool = True) -> nnx.Conv:
+         strides: int | Sequence[int] = 1, padding: int | str = "same_torch", use_bias: bool = True,
+         precision: jax.lax.PrecisionLike = None) -> nnx.Conv:
     """A convolution with PyTorch's symmetric integer padding (`padding=k//2` by default).
 
     PyTorch pads both sides by the same amount; 'SAME' in XLA pads asymmetrically for stride 2, which
-    would shift every downsampled feature map by half a pixel.
+    would shift every downsampled feature map by half a pixel. `precision` is the backend's default unless
+    given (the metric networks ask for HIGHEST).
     """
     kernel_size = tuple(kernel_size)
     if padding == "same_torch":
@@ -76,7 +78,8 @@ def conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rng
         padding = tuple((padding, padding) for _ in kernel_size)
     axes = (None,) * len(kernel_size) + ("conv_in", "conv_out")
     return nnx.Conv(in_channels, out_channels, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
-                    dtype=dtype, param_dtype=jnp.float32, kernel_init=_init(nnx.initializers.lecun_normal(), axes),
+                    dtype=dtype, param_dtype=jnp.float32, precision=precision,
+                    kernel_init=_init(nnx.initializers.lecun_normal(), axes),
                     bias_init=_init(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
 
 

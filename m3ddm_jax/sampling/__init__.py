@@ -1,4 +1,4 @@
-"""Window sampling and the hierarchical coarse-to-fine window plan."""
+"""Window sampling, the hierarchical coarse-to-fine window plan, and outpainting a whole video."""
 
 from m3ddm_jax.sampling.schedule import (
     Window,
@@ -7,5 +7,8 @@ from m3ddm_jax.sampling.schedule import (
     official_strides,
     plan_windows,
 )
+from m3ddm_jax.sampling.window import WindowInputs, WindowSampler, combine, guidance_branches
+from m3ddm_jax.sampling.pipeline import Draws, Outpainted, Outpainter, make_layout
 
-__all__ = ["Window", "WindowPlan", "global_frame_indices", "official_strides", "plan_windows"]
+__all__ = ["Draws", "Outpainted", "Outpainter", "Window", "WindowInputs", "WindowPlan", "WindowSampler", "combine",
+           "global_frame_indices", "guidance_branches", "make_layout", "official_strides", "plan_windows"]

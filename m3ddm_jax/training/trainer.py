@@ -10,6 +10,7 @@ import os
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from m3ddm_jax import pretrained, sharding
 from m3ddm_jax.data.pipeline import DataConfig
@@ -71,12 +72,19 @@ class Trainer:
     state_shardings: object
     codec_state: nnx.State
     step_fn: object
+    graphdef: nnx.GraphDef  # of the UNet: nnx.merge(graphdef, params, state.rest)
+    codec: object
 
     def step(self, local_batch: dict) -> dict:
         """One step on this process's batch (numpy); returns the metrics (device arrays)."""
         inputs = {k: local_batch[k] for k in train_step.BATCH_KEYS if k in local_batch}
         self.state, metrics = self.step_fn(self.state, self.codec_state, global_batch(inputs, self.mesh))
         return metrics
+
+    def ema_unet(self) -> nnx.Module:
+        """The UNet with the EMA parameters, gathered to this host (a collective: call it on every process)."""
+        ema, rest = multihost_utils.process_allgather((self.state.ema, self.state.rest), tiled=True)
+        return nnx.merge(self.graphdef, ema, rest)
 
 
 def build_trainer(cfg, mesh: jax.sharding.Mesh) -> Trainer:
@@ -100,4 +108,4 @@ def build_trainer(cfg, mesh: jax.sharding.Mesh) -> Trainer:
         train_step.make_train_step(graphdef, codec_graphdef, tx, lr_schedule, schedule,
                                    ema_decay=cfg.optim.ema_decay, seed=cfg.seed),
         in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=0)
-    return Trainer(mesh, state, state_sh, codec_state, step_fn)
+    return Trainer(mesh, state, state_sh, codec_state, step_fn, graphdef, codec)

@@ -22,7 +22,7 @@ import numpy as np
 
 OFFICIAL_CANVAS = 256  # the official square canvas side (and the training resolution)
 LATENT_FACTOR = 8  # the VAE downsampling
-MODEL_MULTIPLE = 64  # the UNet needs latent sides that are multiples of 8, i.e. pixel multiples of 64
+MODEL_MULTIPLE = 64  # the SD-based UNet needs latent sides that are multiples of 8: pixel multiples of 64
 NUM_GLOBAL_FRAMES = 16
 GLOBAL_FRAME_HW = (256, 256)
 TELEA_RADIUS = 5
@@ -155,8 +155,8 @@ def _official_crop(side: int, ratio: float) -> Box:
 # ------------------------------------------------------------------------------------------------ native
 
 
-def native_layout(source_hw: tuple[int, int], ratio: str | float, *,
-                  canvas_long_side: int = OFFICIAL_CANVAS) -> NativeLayout:
+def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_long_side: int = OFFICIAL_CANVAS,
+                  multiple: int = MODEL_MULTIPLE) -> NativeLayout:
     """A canvas shaped like `ratio` for a (H, W) frame, and the output frame it is composited into.
 
     Output size rule: the smallest frame of the target ratio that holds the source at scale 1 (the source's
@@ -164,15 +164,17 @@ def native_layout(source_hw: tuple[int, int], ratio: str | float, *,
     extended side is the nearest even number to the exact value, so the ratio holds within 1 pixel. The
     source sits centred in it, pixel for pixel.
 
-    Canvas rule: long side `canvas_long_side` (a multiple of 64; 256 is the training resolution), short
-    side the nearest multiple of 64 (at least 64) to the output's ratio. The canvas is the output frame
-    resampled to that size, so its ratio may differ from the target by up to 32 pixels of the short side
-    (9:16 at 256 gives 256x128); the generated canvas is stretched back to the output size.
+    Canvas rule: long side `canvas_long_side` (a multiple of `multiple`; 256 is the training resolution),
+    short side the nearest multiple of `multiple` (at least one) to the output's ratio. `multiple` is what
+    the model needs (64 for the SD VAE and the released UNet: latent factor 8 x UNet factor 8). The canvas is
+    the output frame resampled to that size, so its ratio may differ from the target by up to half a
+    multiple of the short side (9:16 at 256 gives 256x128); the generated canvas is stretched back to the
+    output size.
     """
     h, w = _check_hw(source_hw)
     r = parse_ratio(ratio)
-    if canvas_long_side < MODEL_MULTIPLE or canvas_long_side % MODEL_MULTIPLE:
-        raise ValueError(f"canvas_long_side={canvas_long_side} must be a positive multiple of {MODEL_MULTIPLE}")
+    if canvas_long_side < multiple or canvas_long_side % multiple:
+        raise ValueError(f"canvas_long_side={canvas_long_side} must be a positive multiple of {multiple}")
     if w / h > r:  # extend the height
         out_w = _even_up(w)
         out_h = max(_even_up(h), _even_nearest(out_w / r))
@@ -181,9 +183,9 @@ def native_layout(source_hw: tuple[int, int], ratio: str | float, *,
         out_w = max(_even_up(w), _even_nearest(out_h * r))
     oy, ox = (out_h - h) // 2, (out_w - w) // 2
     if out_w >= out_h:
-        cw, ch = canvas_long_side, _multiple_nearest(canvas_long_side * out_h / out_w)
+        cw, ch = canvas_long_side, _multiple_nearest(canvas_long_side * out_h / out_w, multiple)
     else:
-        ch, cw = canvas_long_side, _multiple_nearest(canvas_long_side * out_w / out_h)
+        ch, cw = canvas_long_side, _multiple_nearest(canvas_long_side * out_w / out_h, multiple)
     sy, sx = ch / out_h, cw / out_w
     box = Box(round(oy * sy), round((oy + h) * sy), round(ox * sx), round((ox + w) * sx))
     if min(box.hw) < 1:
@@ -203,8 +205,8 @@ def _even_nearest(x: float) -> int:
     return 2 * round(x / 2)
 
 
-def _multiple_nearest(x: float) -> int:
-    return max(MODEL_MULTIPLE, MODEL_MULTIPLE * round(x / MODEL_MULTIPLE))
+def _multiple_nearest(x: float, multiple: int) -> int:
+    return max(multiple, multiple * round(x / multiple))
 
 
 def _check_hw(hw: tuple[int, int]) -> tuple[int, int]:

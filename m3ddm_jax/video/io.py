@@ -15,6 +15,8 @@ import numpy as np
 
 from m3ddm_jax.fileio import atomic_path
 
+# File names that folder inputs (training data, batch inference, evaluation) treat as videos.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 # Audio codecs the mp4 muxer takes as they are; any other audio is re-encoded to AAC.
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "ac3", "eac3", "alac"})
 

@@ -1,0 +1,27 @@
+"""The benchmark shrunk for tests and smoke runs: the bundled clips, 16 frames at 64x128, 2 sampling steps on a
+64x128 canvas, with the tiny converted fixture weights (README quick start writes out/m3ddm_tiny):
+
+    python -m m3ddm_jax.evaluate --config configs/eval_tiny.py
+"""
+
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("eval_davis", os.path.join(REPO, "configs", "eval_davis.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.videos = os.path.join(REPO, "assets", "videos")
+    c.output_dir = os.path.join(REPO, "workdir", "eval_tiny")
+    c.weights = os.path.join(REPO, "out", "m3ddm_tiny")
+    c.frame_size = (64, 128)
+    c.max_frames = 16
+    c.sampler.steps = 2
+    c.sampler.canvas_size = 128
+    c.sampler.global_size = (64, 64)
+    c.metrics.batch = 4
+    return c

@@ -1,0 +1,270 @@
+"""Batch outpainting: `python -m m3ddm_jax.infer --config configs/infer_example.py [--config.key=value ...]`.
+
+Inputs (`config.inputs`, one entry or a tuple of entries, each one of):
+* a folder: its video files (extensions VIDEO_EXTENSIONS, not recursive);
+* a glob (`clips/**/*.mp4`): every file it matches, taken as a video;
+* a text file (`.txt`): one video path per line; relative paths are relative to the list's folder; blank
+  lines and lines starting with '#' are ignored;
+* anything else: a video path. A missing one fails at its turn, like any other bad video.
+The videos are sorted by name (the file stem); two inputs with the same name are a config error, since both
+would write <name>.mp4. Setup errors (config, weights, an input list that gives no video) stop before any
+work, with exit status 1.
+
+Each video is outpainted as `python -m m3ddm_jax.outpaint VIDEO --seed SEED` would with the same settings
+(every video gets the same seed, so a result depends only on its video), and written, with its audio, to
+output_dir/<name>.mp4. `max_frames` (0: all) keeps only the first frames, for quick runs.
+
+Output folder:
+* <name>.mp4: written atomically, so a file under that name is always complete. A later run skips every
+  video whose mp4 exists (resume); delete an output to redo it.
+* status/<name>.json: the latest attempt at the video: status 'ok' (frames, sizes, seconds, timings) or
+  'error' (the reason), and which process and host did it.
+* summary.json (written by process 0): this run's done, skipped (already finished) and failed videos, with
+  the failures' reasons, the frames outpainted and frames per second (wall clock of the run, model loading
+  and compilation included).
+
+One bad video (missing, not a video, no frames, a size the canvas cannot take, ...) is logged, recorded in
+its status file and skipped; the batch goes on, and the exit status is 2 if any video failed (0 when every
+video is done or was already finished). Failed videos are retried by the next run.
+
+Multi-host: with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set on every host and a shared
+output folder, the sorted videos are split by jax.process_index() (video i goes to process i mod P), so
+every video is handled by exactly one host. Within a host the Outpainter spreads each video's window batches
+over the local devices. The hosts then gather every video's outcome; each process exits 2 if any video of
+the batch failed, and process 0 writes the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import pathlib
+import socket
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from m3ddm_jax import fileio, sharding
+from m3ddm_jax.outpaint import check_weights_folder
+from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video, write_video
+
+log = logging.getLogger("m3ddm_jax.infer")
+
+LIST_EXTENSION = ".txt"
+STATUS_DIR, SUMMARY_FILE = "status", "summary.json"
+EXIT_SETUP_ERROR, EXIT_VIDEOS_FAILED = 1, 2
+# A video's outcome in this run, as gathered from the hosts (0: another host's video).
+DONE, SKIPPED, FAILED = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    name: str  # the output is <name>.mp4
+    path: pathlib.Path
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def list_inputs(inputs: str | Sequence[str]) -> list[Item]:
+    """The videos that `inputs` names (see the module doc), sorted by name, each path once."""
+    entries = [inputs] if isinstance(inputs, str) else list(inputs)
+    paths = [p for entry in entries for p in _expand(entry)]
+    by_name: dict[str, Item] = {}
+    for path in paths:
+        path = pathlib.Path(os.path.abspath(path))
+        item = by_name.setdefault(path.stem, Item(path.stem, path))
+        if item.path != path:
+            raise ValueError(f"inputs {item.path} and {path} would both be written as {path.stem}.mp4; rename "
+                             f"one, or run them in separate batches")
+    if not by_name:
+        raise ValueError(f"inputs {entries!r} name no video; give video files, folders of videos, globs or "
+                         f"{LIST_EXTENSION} lists")
+    return [by_name[name] for name in sorted(by_name)]
+
+
+def _expand(entry: str) -> list[str]:
+    entry = os.path.expanduser(entry)
+    if any(c in entry for c in "*?["):
+        matches = sorted(p for p in glob.glob(entry, recursive=True) if not os.path.isdir(p))
+        if not matches:
+            raise FileNotFoundError(f"input glob {entry!r} matches no file")
+        return matches
+    if os.path.isdir(entry):
+        found = sorted(os.path.join(entry, f) for f in os.listdir(entry)
+                       if f.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(os.path.join(entry, f)))
+        if not found:
+            raise ValueError(f"input folder {entry} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
+        return found
+    if entry.lower().endswith(LIST_EXTENSION):
+        if not os.path.isfile(entry):
+            raise FileNotFoundError(f"input list {entry} does not exist")
+        base = os.path.dirname(entry)
+        with open(entry) as f:
+            lines = [line.strip() for line in f]
+        return [os.path.join(base, os.path.expanduser(line)) for line in lines if line and not line.startswith("#")]
+    return [entry]
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def check_config(cfg) -> None:
+    """Fails fast, before any video or model is read, on settings that cannot work."""
+    if not cfg.output_dir:
+        raise ValueError("set --config.output_dir=DIR")
+    if cfg.max_frames < 0:
+        raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
+    s = cfg.sampler
+    if s.steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")
+    # Ratio, canvas mode and canvas size at once, on a frame of the training size.
+    make_layout((256, 256), cfg.ratio, s.canvas_mode, canvas_long_side=s.canvas_size)
+    check_weights_folder(cfg.weights)
+
+
+def load_outpainter(cfg) -> Outpainter:
+    s = cfg.sampler
+    return Outpainter.from_folder(cfg.weights, dtype=s.dtype, steps=s.steps, scheduler=s.scheduler,
+                                  guidance_scale=s.guidance_scale, global_guidance_scale=s.global_guidance_scale,
+                                  max_windows_per_call=s.windows_per_call or None)
+
+
+def output_path(cfg, item: Item) -> pathlib.Path:
+    return pathlib.Path(cfg.output_dir) / f"{item.name}.mp4"
+
+
+def status_path(cfg, item: Item) -> pathlib.Path:
+    return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{item.name}.json"
+
+
+def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
+    """Outpaints one video and writes its mp4; returns the 'ok' status fields."""
+    s = cfg.sampler
+    video = read_video(item.path, max_frames=cfg.max_frames or None)
+    with tqdm(desc=item.name, unit="step", leave=False, file=sys.stderr) as steps:
+        def progress(done: int, total: int) -> None:
+            steps.total = total
+            steps.update(done - steps.n)
+
+        result = outpainter.outpaint(video.frames, video.fps, cfg.ratio, mode=s.canvas_mode, key=cfg.seed,
+                                     canvas_long_side=s.canvas_size, global_hw=tuple(s.global_size),
+                                     progress=progress)
+    write_video(output_path(cfg, item), result.frames, video.fps, audio_from=video if video.has_audio else None)
+    return {"frames": len(result.frames), "fps": float(video.fps), "source_size": list(video.frames.shape[1:3]),
+            "output_size": list(result.frames.shape[1:3]), "timings": result.timings}
+
+
+def _attempt(cfg, outpainter: Outpainter, item: Item) -> bool:
+    """One video, whatever happens to it: its status file says how it went. True if it is done."""
+    t0 = time.perf_counter()
+    record = {"video": item.name, "input": str(item.path), "output": str(output_path(cfg, item))}
+    try:
+        record.update(status="ok", **_outpaint_video(cfg, outpainter, item))
+    except Exception as err:  # one bad video must not stop the batch; it is recorded and retried next run
+        expected = isinstance(err, (OSError, ValueError))  # bad input: the message says it all
+        log.error("video %s failed, skipped: %s", item.name, err, exc_info=not expected)
+        record.update(status="error", error=str(err), error_type=type(err).__name__)
+    seconds = time.perf_counter() - t0
+    record.update(seconds=seconds, process=jax.process_index(), host=socket.gethostname(),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if record["status"] == "ok":
+        record["frames_per_second"] = record["frames"] / seconds
+    fileio.write_text(str(status_path(cfg, item)), json.dumps(record, indent=2))
+    return record["status"] == "ok"
+
+
+def infer(cfg) -> dict:
+    """Runs (or resumes) the batch; returns the summary of the run (process 0 also writes it)."""
+    t_start = time.perf_counter()
+    check_config(cfg)
+    items = list_inputs(cfg.inputs)
+    clash = [i.path for i in items if output_path(cfg, i).resolve() == i.path.resolve()]
+    if clash:
+        raise ValueError(f"output {clash[0]} would overwrite its input; choose another output_dir")
+    os.makedirs(pathlib.Path(cfg.output_dir) / STATUS_DIR, exist_ok=True)
+    index, count = jax.process_index(), jax.process_count()
+    outcome = np.zeros(len(items), np.int32)
+    mine = range(index, len(items), count)
+    pending = [i for i in mine if not output_path(cfg, items[i]).exists()]
+    outcome[list(mine)] = SKIPPED
+    log.info("%d of %d videos to outpaint on this host (%d already finished)", len(pending), len(mine),
+             len(mine) - len(pending))
+    if pending:
+        outpainter = load_outpainter(cfg)
+        desc = "infer" if count == 1 else f"infer (process {index}/{count})"
+        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=desc, unit="video",
+                  file=sys.stderr) as bar:
+            for i in pending:
+                bar.set_postfix_str(items[i].name)
+                outcome[i] = DONE if _attempt(cfg, outpainter, items[i]) else FAILED
+                bar.update()
+    if count > 1:  # also the barrier: every host has written its status files
+        outcome = multihost_utils.process_allgather(outcome).max(axis=0)
+    assert outcome.all(), "a video was handled by no host"
+    summary = summarize(cfg, items, outcome, time.perf_counter() - t_start)
+    if index == 0:
+        fileio.write_text(os.path.join(cfg.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(cfg, items: list[Item], outcome: np.ndarray, seconds: float) -> dict:
+    def status(item: Item) -> dict:
+        try:
+            return json.loads(status_path(cfg, item).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    done = {it.name: status(it) for it, o in zip(items, outcome) if o == DONE}
+    failed = {it.name: status(it).get("error", "no status file") for it, o in zip(items, outcome) if o == FAILED}
+    frames = sum(r.get("frames", 0) for r in done.values())
+    return {"videos": len(items), "processes": jax.process_count(), "done": sorted(done),
+            "skipped": [it.name for it, o in zip(items, outcome) if o == SKIPPED], "failed": failed,
+            "frames": frames, "seconds": seconds, "frames_per_second": frames / seconds,
+            "per_video": done, "settings": json.loads(json.dumps(cfg.to_dict()))}
+
+
+def report(summary: dict) -> str:
+    lines = [f"{summary['videos']} videos on {summary['processes']} process(es): {len(summary['done'])} done, "
+             f"{len(summary['skipped'])} skipped (already finished), {len(summary['failed'])} failed; "
+             f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['frames_per_second']:.2f} frames/s)"]
+    lines += [f"failed: {name}: {reason}" for name, reason in summary["failed"].items()]
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    del argv
+    logging.getLogger("jax").setLevel(logging.WARNING)  # absl's INFO default would show backend probing
+    logging.getLogger("m3ddm_jax").setLevel(logging.INFO)
+    sharding.init_distributed()
+    cfg = flags.FLAGS.config
+    if cfg.compilation_cache:
+        # A restarted batch (preemption, resume) reuses the compiled sampler from disk.
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
+    try:
+        summary = infer(cfg)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if jax.process_index() == 0:
+        print(report(summary))
+        print(f"summary: {os.path.join(cfg.output_dir, SUMMARY_FILE)}")
+    return EXIT_VIDEOS_FAILED if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    # Defined here rather than at import: absl flags are global, and evaluate.py and train.py define --config too.
+    config_flags.DEFINE_config_file("config", None, "batch inference config file (get_config())", lock_config=True)
+    flags.mark_flag_as_required("config")
+    app.run(main)

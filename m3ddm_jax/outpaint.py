@@ -1,0 +1,115 @@
+"""Outpaint one video to another aspect ratio.
+
+    python -m m3ddm_jax.outpaint INPUT --ratio 9:16 --output OUT.mp4 --weights DIR [--seed 0] [--steps 50]
+        [--mode official|native] [--guidance 2] [--global-guidance 4] [--scheduler pndm|ddim] [--dtype auto]
+
+DIR is a converted weights folder (tools/convert_checkpoint.py); it defaults to $M3DDM_WEIGHTS. The output
+has exactly as many frames as the input, at its frame rate, with its audio; it is written atomically.
+Modes: 'official' reproduces the official pipeline (a square canvas of at most 256 pixels, cropped to the
+ratio); 'native' generates on a canvas shaped like the ratio and keeps the source pixels at full resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from m3ddm_jax import pretrained
+from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.video import parse_ratio, read_video, write_video
+
+WEIGHTS_ENV = "M3DDM_WEIGHTS"
+REQUIRED_FILES = tuple(os.path.join(sub, name) for sub, names in (
+    (pretrained.UNET, (pretrained.CONFIG_FILE, pretrained.PARAMS_FILE)),
+    (pretrained.VAE, (pretrained.CONFIG_FILE, pretrained.PARAMS_FILE)),
+    (pretrained.SCHEDULER, (pretrained.SCHEDULER_FILE,))) for name in names)
+
+
+def check_weights_folder(folder: str | None) -> str:
+    """Fails fast, before any model is loaded, on a missing or incomplete weights folder."""
+    convert = "convert a checkpoint with tools/convert_checkpoint.py"
+    if not folder:
+        raise FileNotFoundError(f"no weights folder: pass --weights DIR or set ${WEIGHTS_ENV} ({convert})")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"weights folder {folder} does not exist; {convert}")
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"weights folder {folder} is incomplete: missing {', '.join(missing)}; "
+                                f"{convert} (with --vae)")
+    return folder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m m3ddm_jax.outpaint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="the video to outpaint (any format FFmpeg reads)")
+    p.add_argument("--ratio", required=True, help="target aspect ratio, width:height (9:16), 9/16 or 0.5625")
+    p.add_argument("--output", required=True, help="the mp4 to write (H.264, with the input's audio)")
+    p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=f"weights folder (default ${WEIGHTS_ENV})")
+    p.add_argument("--seed", type=int, default=0, help="seeds every random draw (default 0)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per window (default 50, as officially)")
+    p.add_argument("--mode", choices=("official", "native"), default="official",
+                   help="canvas mode (default official)")
+    p.add_argument("--canvas-size", type=int, default=256,
+                   help="native mode: the canvas's long side in pixels, a multiple of 64 (default 256)")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="guidance scale of the masked-frame condition (official guidance_scale, default 2)")
+    p.add_argument("--global-guidance", type=float, default=4.0,
+                   help="guidance scale of the global-frame condition (official previous_guidance_scale, default 4); "
+                        "<= 1 gives 2-way guidance")
+    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
+                   help="sampler (default pndm, as officially)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="UNet compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--windows-per-call", type=int, default=None,
+                   help="most windows per sampler call (default 4 per device)")
+    p.add_argument("--exact-branches", action="store_true",
+                   help="evaluate the 4th guidance branch the official code computes and discards (same result)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    # Cheap checks first: a bad argument should not cost a model load or a video decode.
+    parse_ratio(args.ratio)
+    weights = check_weights_folder(args.weights)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder {out_dir} does not exist")
+    video = read_video(args.input)
+    try:
+        make_layout(video.frames.shape[1:3], args.ratio, args.mode, canvas_long_side=args.canvas_size)
+    except ValueError as err:
+        raise ValueError(f"{args.input}: {err}") from err
+    outpainter = Outpainter.from_folder(weights, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                                        guidance_scale=args.guidance, global_guidance_scale=args.global_guidance,
+                                        exact_branches=args.exact_branches,
+                                        max_windows_per_call=args.windows_per_call)
+    with tqdm(desc=os.path.basename(args.input), unit="step", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = outpainter.outpaint(video.frames, video.fps, args.ratio, mode=args.mode, key=args.seed,
+                                     canvas_long_side=args.canvas_size, progress=progress)
+    write_video(args.output, result.frames, video.fps, audio_from=video if video.has_audio else None)
+    n, h, w = result.frames.shape[:3]
+    t = result.timings
+    print(f"{args.output}: {n} frames of {w}x{h} in {t['total']:.1f} s (VAE {t['vae']:.1f} s, UNet {t['unet']:.1f} s)",
+          file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Outpainting a whole video: canvas -> VAE latents -> hierarchical windows -> decode -> composite -> crop.
+
+Per video, once: the canvas frames (TELEA-inpainted init frames and black-padded masked frames) and one black
+frame are VAE-encoded, and the 16 global frames are encoded and turned into conditional and unconditional
+tokens (DESIGN §6). Then the windows of `plan_windows(N).batches()` run batch by batch, each batch as one
+call of the jitted window sampler, sharded over a 1-D mesh of the local devices. The chosen latent of each
+of the N frames is decoded once, composited with the source and cropped.
+
+Randomness comes from one key, split in the official draw order: VAE posterior noise of the local frames,
+the initial noise, VAE posterior noise of the global frames. As in the official code every window starts
+from the same initial-noise tensor; unlike it, each frame's posterior draw is made once per video (the
+official code re-encodes, with fresh unseeded noise, every time a frame appears in a window), and every
+video has exactly N output frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from m3ddm_jax import pretrained
+from m3ddm_jax.models.unet3d import UNet3D
+from m3ddm_jax.models.vae import AutoencoderKL
+from m3ddm_jax.sampling.schedule import WINDOW, WindowPlan, plan_windows
+from m3ddm_jax.sampling.window import Hashed, WindowInputs, WindowSampler
+from m3ddm_jax.video.canvas import (GLOBAL_FRAME_HW, MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
+                                    composite, composite_native, crop, global_frames, latent_mask, make_canvas,
+                                    native_layout, official_layout, to_model_range, to_uint8)
+
+MODES = ("official", "native")
+WINDOWS_PER_DEVICE = 4  # default most windows per device in one sampler call (x 3 guidance branches x 16 frames)
+Progress = Callable[[int, int], None]  # (window-steps done, window-steps in all)
+Items = Callable[[int, int], np.ndarray]  # (start, stop) -> items start..stop-1
+
+
+class Draws(NamedTuple):
+    """The random draws of a run, in the official order. The VAE posterior draws are given per item, so that
+    the draws of a long video never exist at once and do not depend on how the frames are chunked."""
+
+    vae_local: Items  # (h, w, C) each: the init frames, then the masked frames, then the black frame
+    initial_noise: jax.Array  # (F, h, w, C): the start noise of every window (as officially)
+    vae_global: Items  # (hg, wg, C) each: the global frames
+
+    @classmethod
+    def replay(cls, vae_local: np.ndarray, initial_noise: np.ndarray, vae_global: np.ndarray) -> Draws:
+        """Recorded draws, e.g. the official `rand_*` tensors (channels-last)."""
+        return cls(lambda s, e: vae_local[s:e], initial_noise, lambda s, e: vae_global[s:e])
+
+    @classmethod
+    def from_key(cls, key: jax.Array | int, latent_hw: tuple[int, int], global_latent_hw: tuple[int, int],
+                 channels: int = 4) -> Draws:
+        k_local, k_noise, k_global = jax.random.split(_as_key(key), 3)
+        return cls(_keyed_items(k_local, (*latent_hw, channels)),
+                   jax.random.normal(k_noise, (WINDOW, *latent_hw, channels)),
+                   _keyed_items(k_global, (*global_latent_hw, channels)))
+
+
+def _keyed_items(key: jax.Array, shape: tuple[int, ...]) -> Items:
+    """Standard-normal items; item i is drawn from fold_in(key, i)."""
+    return lambda s, e: np.asarray(_normal_items(key, jnp.arange(s, e), shape))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _normal_items(key, indices, shape):
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outpainted:
+    frames: np.ndarray  # (N, Ho, Wo, 3) uint8: the result
+    latents: np.ndarray  # (N, h, w, 4): the latent each frame was decoded from
+    layout: Layout
+    plan: WindowPlan
+    timings: dict[str, float]  # seconds: 'vae' (encode, global tokens, decode), 'unet' (sampler calls), 'total'
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef: Hashed, params, images, eps):
+    return nnx.merge(graphdef.value, params).encode_to_latents(images, eps=eps)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef: Hashed, params, latents):
+    return jnp.clip(nnx.merge(graphdef.value, params).decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _global_tokens(graphdef: Hashed, params, latents):
+    """Conditional tokens of the global latents and unconditional ones (the encoder on zero latents)."""
+    unet = nnx.merge(graphdef.value, params)
+    return unet.encode_global(latents, 1), unet.encode_global(jnp.zeros_like(latents), 1)
+
+
+def make_layout(source_hw: tuple[int, int], ratio: str | float, mode: str = "official", *,
+                canvas_long_side: int = 256, multiple: int = MODEL_MULTIPLE) -> Layout:
+    """'official': the official square canvas of side <= 256, cropped to `ratio` afterwards; 'native': a
+    canvas shaped like `ratio` (long side `canvas_long_side`, sides multiples of `multiple`), composited at
+    the source resolution."""
+    if mode == "official":
+        return official_layout(source_hw, [ratio])
+    if mode == "native":
+        return native_layout(source_hw, ratio, canvas_long_side=canvas_long_side, multiple=multiple)
+    raise ValueError(f"unknown canvas mode {mode!r}; use one of {MODES}")
+
+
+def compose_output(generated: np.ndarray, frames: np.ndarray, canvas: CanvasFrames,
+                   layout: Layout) -> np.ndarray:
+    """Generated canvas frames (uint8) -> output frames: the source where it is known, cropped to the ratio."""
+    if isinstance(layout, OfficialLayout):
+        return crop(composite(generated, canvas), layout.crops[0])
+    return composite_native(generated, frames, layout)
+
+
+class Outpainter:
+    """A UNet, a VAE and the sampler settings, ready to outpaint videos one after another (compiled code is
+    reused across videos of the same canvas size).
+
+    Window batches are split over `devices` (default: all local devices) along a 1-D mesh axis 'windows';
+    a call holds at most `max_windows_per_call` windows (default WINDOWS_PER_DEVICE per device) and is
+    padded to devices x a power of two so that few shapes compile. The VAE runs `vae_batch` frames per call.
+    """
+
+    def __init__(self, unet: UNet3D, vae: AutoencoderKL, scheduler_config: dict, *, steps: int = 50,
+                 scheduler: str = "pndm", guidance_scale: float = 2.0, global_guidance_scale: float = 4.0,
+                 exact_branches: bool = False, loop: str = "scan", devices: Sequence[jax.Device] | None = None,
+                 max_windows_per_call: int | None = None, vae_batch: int = 8):
+        self.sampler = WindowSampler(unet, scheduler_config, steps=steps, scheduler=scheduler,
+                                     guidance_scale=guidance_scale, global_guidance_scale=global_guidance_scale,
+                                     exact_branches=exact_branches, loop=loop)
+        self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), ("windows",))
+        self.num_devices = self.mesh.size
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._split = NamedSharding(self.mesh, PartitionSpec("windows"))
+        self.sampler.put_params(self._replicated)
+        vae_graphdef, vae_params = nnx.split(vae)
+        self.vae_graphdef = Hashed(vae_graphdef)
+        self.vae_params = jax.device_put(vae_params, self._replicated)
+        self.vae_factor = vae.config.downsample_factor
+        self.latent_channels = vae.config.latent_channels
+        # Canvas sides the model takes: the latent factor times the UNet's (64 for SD's VAE and UNet).
+        self.canvas_multiple = self.vae_factor * unet.config.downsample_factor
+        if max_windows_per_call is not None and max_windows_per_call < 1:
+            raise ValueError(f"max_windows_per_call must be >= 1, got {max_windows_per_call}")
+        self.max_windows_per_call = self._round_to_devices(max_windows_per_call
+                                                           or WINDOWS_PER_DEVICE * self.num_devices)
+        self.vae_batch = self._round_to_devices(vae_batch)
+
+    @classmethod
+    def from_folder(cls, folder: str, *, dtype: str = "auto", **kwargs) -> Outpainter:
+        """From a converted weights folder (tools/convert_checkpoint.py). `dtype` is the UNet compute dtype;
+        'auto' is bfloat16 on accelerators and float32 on CPU (where bfloat16 matmuls are emulated, slow)."""
+        if dtype == "auto":
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        weights = pretrained.load_weights(folder, dtype=dtype)
+        return cls(weights.unet, weights.vae, weights.scheduler_config, **kwargs)
+
+    @property
+    def steps(self) -> int:
+        return self.sampler.steps
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _round_to_devices(self, n: int) -> int:
+        return self.num_devices * math.ceil(n / self.num_devices)
+
+    def _put(self, tree, batch: int | None = None):
+        """Arrays with a leading axis of `batch` (a multiple of the device count) are split over the mesh,
+        the others (shared by every window: leading 1) replicated."""
+        def put(x):
+            split = batch is not None and np.shape(x)[:1] == (batch,) and batch % self.num_devices == 0
+            return jax.device_put(x, self._split if split else self._replicated)
+        return jax.tree.map(put, tree)
+
+    def _vae_map(self, fn, graph_and_params, n: int, make: Callable[[int, int], tuple]) -> jax.Array:
+        """fn over n items in fixed-size chunks (the last one zero-padded), so one shape compiles."""
+        size = self.vae_batch
+        out = []
+        for s in range(0, n, size):
+            args = make(s, min(s + size, n))
+            real = len(args[0])
+            args = [np.pad(np.asarray(a), [(0, size - real)] + [(0, 0)] * (np.ndim(a) - 1)) for a in args]
+            out.append(fn(*graph_and_params, *self._put(args, size))[:real])
+        return jnp.concatenate(out)
+
+    def encode(self, images: Items, n: int, eps: Items) -> np.ndarray:
+        """Scaled posterior samples of n images: `images(s, e)` in [-1, 1], posterior noise `eps(s, e)`."""
+        return np.asarray(self._vae_map(_encode, (self.vae_graphdef, self.vae_params), n,
+                                        lambda s, e: (images(s, e), eps(s, e))))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (n, h, w, 4) -> images (n, H, W, 3) in [0, 1] (clamped as the official pipeline does)."""
+        return np.asarray(self._vae_map(_decode, (self.vae_graphdef, self.vae_params), len(latents),
+                                        lambda s, e: (latents[s:e],)))
+
+    def global_tokens(self, images: np.ndarray, eps: Items) -> tuple[jax.Array, jax.Array]:
+        """Global frames (G, Hg, Wg, 3) in [-1, 1] -> conditional and unconditional tokens, each (1, L, C)."""
+        latents = self.encode(lambda s, e: images[s:e], len(images), eps)
+        return _global_tokens(Hashed(self.sampler.graphdef), self.sampler.params, self._put(latents))
+
+    def _latent_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return hw[0] // self.vae_factor, hw[1] // self.vae_factor
+
+    # ------------------------------------------------------------------------------------ one window
+
+    def outpaint_window(self, init_images: np.ndarray, masked_images: np.ndarray, pixel_mask: np.ndarray,
+                        global_images: np.ndarray, fps: float, *, guide_latents: np.ndarray | None = None,
+                        guide_flags: np.ndarray | None = None, key: jax.Array | int = 0,
+                        draws: Draws | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One official window (`outpainting_with_random_masked_latent_inference_bidirection`, batch 1).
+
+        init_images, masked_images (F, H, W, 3) and global_images (G, Hg, Wg, 3) in [-1, 1]; pixel_mask (H, W),
+        1 = generate; guide_latents (F, h, w, 4) are used where guide_flags (F,) is set. `draws` replays
+        recorded noise, otherwise it comes from `key`. Returns latents (F, h, w, 4) and images (F, H, W, 3)
+        in [0, 1].
+        """
+        f = len(init_images)
+        if draws is None:
+            draws = Draws.from_key(key, self._latent_hw(init_images.shape[1:3]),
+                                   self._latent_hw(global_images.shape[1:3]), self.latent_channels)
+        sources = (init_images, masked_images, -np.ones_like(init_images[:1]))
+        local = self.encode(lambda s, e: _take(sources, s, e), 2 * f + 1, draws.vae_local)
+        if guide_flags is None:
+            guide_flags = np.zeros(f, bool)
+        if guide_latents is None:
+            guide_latents = np.zeros_like(local[:f])
+        cond_tokens, uncond_tokens = self.global_tokens(global_images, draws.vae_global)
+        inputs = WindowInputs(local[None, :f], local[None, f:2 * f],
+                              latent_mask(pixel_mask, self.vae_factor)[None, None, :, :, None].astype(np.float32),
+                              np.asarray(guide_latents, np.float32)[None], np.asarray(guide_flags, bool)[None],
+                              local[None, None, 2 * f], np.asarray([fps], np.float32), cond_tokens, uncond_tokens)
+        latents = np.asarray(self.sampler(self._put(inputs, 1), noise=self._put(draws.initial_noise[None])))[0]
+        return latents, self.decode(latents)
+
+    # ------------------------------------------------------------------------------------- a video
+
+    def outpaint(self, frames: np.ndarray, fps: float, ratio: str | float, *, mode: str = "official",
+                 key: jax.Array | int = 0, canvas_long_side: int = 256,
+                 global_hw: tuple[int, int] = GLOBAL_FRAME_HW, strides: Sequence[int] | None = None,
+                 progress: Progress | None = None) -> Outpainted:
+        """Outpaints source frames (N, H, W, 3) uint8 at `fps` to aspect ratio `ratio` (width:height).
+
+        `mode` chooses the canvas (see `make_layout`); `global_hw` is the size the global frames are resized
+        to (the official 256x256); `strides` overrides the official hierarchy ([15, 5, 1] from 50 frames on,
+        else [1]). `progress(done, total)` is called after every sampler call, in window-steps.
+        """
+        t_start = time.perf_counter()
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+            raise ValueError(f"frames must be uint8 RGB (N >= 1, H, W, 3), got {frames.dtype} {frames.shape}")
+        n = len(frames)
+        layout = make_layout(frames.shape[1:3], ratio, mode, canvas_long_side=canvas_long_side,
+                             multiple=self.canvas_multiple)
+        canvas = make_canvas(frames, layout)
+        draws = Draws.from_key(key, self._latent_hw(layout.canvas_hw), self._latent_hw(global_hw),
+                               self.latent_channels)
+
+        timings = {"vae": 0.0, "unet": 0.0}
+        t0 = time.perf_counter()
+        black = np.zeros_like(canvas.masked[:1])
+        sources = (canvas.init, canvas.masked, black)
+        local = self.encode(lambda s, e: to_model_range(_take(sources, s, e)), 2 * n + 1, draws.vae_local)
+        tokens = self.global_tokens(global_frames(frames, size=global_hw), draws.vae_global)
+        timings["vae"] += time.perf_counter() - t0
+
+        plan = plan_windows(n, strides)
+        mask = latent_mask(canvas.mask, self.vae_factor)[None, None, :, :, None].astype(np.float32)
+        shared = dict(mask=mask, uncond_latent=local[None, None, 2 * n], cond_tokens=tokens[0],
+                      uncond_tokens=tokens[1])
+        latents = self._sample_plan(plan, local[:n], local[n:2 * n], shared, float(fps), draws.initial_noise,
+                                    timings, progress)
+
+        t0 = time.perf_counter()
+        generated = to_uint8(self.decode(latents))
+        timings["vae"] += time.perf_counter() - t0
+        out = compose_output(generated, frames, canvas, layout)
+        timings["total"] = time.perf_counter() - t_start
+        return Outpainted(out, latents, layout, plan, timings)
+
+    def split_batch(self, windows: Sequence) -> list[tuple[list, int]]:
+        """Splits a batch of the plan into sampler calls: (windows, padded size)."""
+        cap = self.max_windows_per_call
+        calls = []
+        for s in range(0, len(windows), cap):
+            chunk = list(windows[s:s + cap])
+            per_device = math.ceil(len(chunk) / self.num_devices)
+            calls.append((chunk, min(cap, self.num_devices * 2 ** math.ceil(math.log2(per_device)))))
+        return calls
+
+    def _sample_plan(self, plan: WindowPlan, init: np.ndarray, cond: np.ndarray, shared: dict, fps: float,
+                     noise: jax.Array, timings: dict, progress: Progress | None) -> np.ndarray:
+        """Runs the plan's windows; returns the latent of every frame (plan.frame_sources())."""
+        held = np.zeros_like(init)  # the latent each frame holds once a window has produced it: guides
+        outputs = {}
+        noise = self._put(noise[None])
+        total, done = len(plan.windows) * self.steps, 0
+        for batch in plan.batches():
+            for chunk, size in self.split_batch(batch):
+                padded = chunk + chunk[-1:] * (size - len(chunk))  # repeats, discarded
+                idx = np.array([w.frame_indices for w in padded])
+                inputs = WindowInputs(init[idx], cond[idx], guide_latents=held[idx],
+                                      guide_flags=np.array([w.guide_flags for w in padded]),
+                                      fps=np.array([w.fps(fps) for w in padded], np.float32), **shared)
+                t0 = time.perf_counter()
+                out = np.asarray(self.sampler(self._put(inputs, size), noise=noise))
+                timings["unet"] += time.perf_counter() - t0
+                for w, latents in zip(chunk, out):
+                    outputs[w.index] = latents
+                    held[list(w.new_frames)] = latents[list(w.new_positions)]
+                done += len(chunk) * self.steps
+                if progress is not None:
+                    progress(done, total)
+        return np.stack([outputs[w][p] for w, p in plan.frame_sources()])
+
+
+def _take(arrays: Sequence[np.ndarray], s: int, e: int) -> np.ndarray:
+    """Items s..e-1 of the concatenation of `arrays`, without concatenating them all."""
+    parts, offset = [], 0
+    for a in arrays:
+        lo, hi = max(s - offset, 0), min(e - offset, len(a))
+        if lo < hi:
+            parts.append(a[lo:hi])
+        offset += len(a)
+    return np.concatenate(parts)
+
+
+def _as_key(key: jax.Array | int) -> jax.Array:
+    return jax.random.key(key) if isinstance(key, (int, np.integer)) else key

@@ -1,0 +1,246 @@
+"""Outpainting whole videos: the hierarchical run (batched = sequential), the kept pixels, the CLI end to end
+(frame count, size, audio) and its errors. A tiny random model; few steps and small canvases."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from conftest import VIDEOS
+from test_sampler import SMALL_UNET
+from m3ddm_jax import pretrained
+from m3ddm_jax.models.layers import random_init
+from m3ddm_jax.models.vae import VAEConfig
+from m3ddm_jax.outpaint import main
+from m3ddm_jax.sampling import Outpainter, plan_windows
+from m3ddm_jax.sampling.pipeline import compose_output
+from m3ddm_jax.video import composite, crop, make_canvas, native_layout, official_layout, read_video, write_video
+
+CLIP = VIDEOS / "stream_of_water.mp4"  # CC0 1.0 (MDN interactive-examples); see SOURCES.md
+TESTS = pathlib.Path(__file__).resolve().parent
+STEPS = 2
+CANVAS = 64  # native canvas long side: 8x8 latents
+
+
+def tiny_models():
+    """A small UNet (two levels: quick to compile) and the fixtures' tiny VAE architecture, random parameters."""
+    unet = random_init(pretrained.abstract_model(SMALL_UNET), seed=1)
+    vae = random_init(pretrained.abstract_model(VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                                                          norm_num_groups=4)), seed=2)
+    return unet, vae
+
+
+def synthetic_frames(n=50):
+    """n frames (>= 50: strides 15/5/1) of 48x64 with some structure."""
+    y, x = np.mgrid[:48, :64]
+    t = np.arange(n)[:, None, None]
+    return np.stack([(x * 4 + t * 3) % 256, (y * 5 + t) % 256, (x + y + 7 * t) % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights") / "tiny"
+    unet, vae = tiny_models()
+    pretrained.save_weights(str(folder), unet=unet, vae=vae)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def video_frames():
+    return synthetic_frames()
+
+
+def test_hierarchical_batched_equals_sequential(weights, video_frames):
+    """Windows of one plan batch run in one sampler call give the same frames as one call per window; the
+    output has exactly N frames and the source pixels untouched (native mode, before any encoding)."""
+    results, progress = {}, []
+    for per_call in (1, None):
+        outpainter = Outpainter.from_folder(str(weights), steps=STEPS, max_windows_per_call=per_call)
+        results[per_call] = outpainter.outpaint(video_frames, 25.0, "1:1", mode="native", canvas_long_side=CANVAS,
+                                                global_hw=(64, 64), key=3,
+                                                progress=lambda done, total: progress.append((done, total)))
+    seq, batched = results[1], results[None]
+    assert seq.plan.strides == (15, 5, 1)
+    assert [len(b) for b in seq.plan.batches()] == [1, 1, 4]
+    assert progress[-1] == (6 * STEPS, 6 * STEPS) and len(progress) == 6 + 3
+    np.testing.assert_allclose(batched.latents, seq.latents, rtol=1e-4, atol=1e-4)
+    assert np.abs(batched.frames.astype(int) - seq.frames).max() <= 1
+    assert batched.frames.shape == (50, 64, 64, 3)
+    y0, y1, x0, x1 = batched.layout.output_box
+    np.testing.assert_array_equal(batched.frames[:, y0:y1, x0:x1], video_frames)
+    assert batched.frames[:, :y0].std() > 1  # something was generated there
+    assert set(batched.timings) == {"vae", "unet", "total"}
+
+
+class RecordingSampler:
+    """Stands in for the window sampler: position p of window w comes out as 1000 w + p, and each window's
+    guide inputs are recorded. Windows are recognised by their frames (the init latent of frame f is f)."""
+
+    steps = 1
+
+    def __init__(self, plan):
+        self.window_of = {w.frame_indices: w.index for w in plan.windows}
+        self.seen = {}
+
+    def __call__(self, inputs, *, noise):
+        out = np.zeros(inputs.init_latents.shape, np.float32)
+        for b, frames in enumerate(np.asarray(inputs.init_latents)[:, :, 0, 0, 0].astype(int)):
+            w = self.window_of[tuple(frames)]
+            self.seen[w] = (np.asarray(inputs.guide_flags[b]), np.asarray(inputs.guide_latents[b, :, 0, 0, 0]))
+            out[b] = 1000 * w + np.arange(len(frames))[:, None, None, None]
+        return out
+
+
+@pytest.mark.parametrize("n", [1, 17, 50, 100, 241])
+def test_plan_routes_guides_and_outputs(weights, n):
+    """Every window sees, at its guide positions, the output of the window and position the plan names, and
+    frame f ends up with the output plan.frame_sources() names."""
+    outpainter = Outpainter.from_folder(str(weights), max_windows_per_call=3)
+    plan = plan_windows(n)
+    outpainter.sampler = recorder = RecordingSampler(plan)
+    init = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 8, 8, 4))
+    shared = dict(mask=np.ones((1, 1, 8, 8, 1)), uncond_latent=np.zeros((1, 1, 8, 8, 4)),
+                  cond_tokens=np.zeros((1, 4, 16)), uncond_tokens=np.zeros((1, 4, 16)))
+    latents = outpainter._sample_plan(plan, init, init, shared, 25.0, np.zeros((16, 8, 8, 4)), {"unet": 0.0}, None)
+    assert sorted(recorder.seen) == [w.index for w in plan.windows]
+    for w in plan.windows:
+        flags, guides = recorder.seen[w.index]
+        assert tuple(flags) == w.guide_flags
+        for position, source in enumerate(w.guide_sources):
+            if source is not None:
+                assert guides[position] == 1000 * source[0] + source[1]
+    assert list(latents[:, 0, 0, 0]) == [1000 * w + p for w, p in plan.frame_sources()]
+
+
+SHARDED_CHECK = """
+import jax, numpy as np
+from test_outpaint import tiny_models, synthetic_frames
+from m3ddm_jax import pretrained
+from m3ddm_jax.sampling import Outpainter, plan_windows
+assert jax.device_count() == 2
+unet, vae = tiny_models()
+frames = synthetic_frames()
+outpainters = [Outpainter(unet, vae, pretrained.SD15_SCHEDULER_CONFIG, steps=2, devices=devices)
+               for devices in (jax.devices()[:1], jax.devices())]
+x = outpainters[1]._put(np.zeros((4, 3)), 4)
+assert x.sharding.shard_shape(x.shape) == (2, 3)  # each device gets half of the windows
+runs = [o.outpaint(frames, 25.0, "1:1", mode="native", canvas_long_side=64, global_hw=(64, 64), key=3)
+        for o in outpainters]
+np.testing.assert_allclose(runs[0].latents, runs[1].latents, rtol=1e-4, atol=1e-4)
+assert np.abs(runs[0].frames.astype(int) - runs[1].frames).max() <= 1
+"""
+
+
+@pytest.mark.slow
+def test_windows_split_over_devices():
+    """Window batches sharded over 2 (simulated CPU) devices give the single-device result."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_CHECK], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_official_mode_keeps_the_canvas_source():
+    """Official compositing: the black-padded canvas where the mask is 0, generated elsewhere, cropped."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 240, 320, 3), np.uint8)
+    layout = official_layout((240, 320), "9:16")
+    canvas = make_canvas(frames, layout)
+    generated = np.full((2, 256, 256, 3), 7, np.uint8)
+    out = compose_output(generated, frames, canvas, layout)
+    np.testing.assert_array_equal(out, crop(composite(generated, canvas), layout.crops[0]))
+    assert out.shape == (2, 256, 144, 3)
+
+
+def make_input_clip(path, frames=17):
+    """The first frames of a bundled clip, with a sine audio track."""
+    clip = read_video(CLIP, max_frames=frames)
+    audio = path.parent / "sound.m4a"
+    rate = 8000
+    with av.open(str(audio), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        t = np.arange(int(rate * clip.duration)) / rate
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+        for start in range(0, len(samples), 1024):
+            chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = rate, start, Fraction(1, rate)
+            out.mux(stream.encode(chunk))
+        out.mux(stream.encode(None))
+    write_video(path, clip.frames, clip.fps, audio_from=audio)
+    return read_video(path)
+
+
+def test_cli_end_to_end(weights, tmp_path, capsys):
+    src = make_input_clip(tmp_path / "in.mp4")
+    out = tmp_path / "out.mp4"
+    rc = main([str(tmp_path / "in.mp4"), "--ratio", "9:16", "--output", str(out), "--weights", str(weights),
+               "--steps", str(STEPS), "--mode", "native", "--canvas-size", str(CANVAS), "--seed", "5"])
+    assert rc == 0, capsys.readouterr().err
+    result = read_video(out)
+    layout = native_layout(src.frames.shape[1:3], "9:16", canvas_long_side=CANVAS)
+    assert len(result.frames) == len(src.frames) == 17  # the official script would write 31
+    assert result.frames.shape[1:3] == layout.output_hw == (854, 480)
+    assert result.fps == src.fps and result.has_audio
+    y0, y1, x0, x1 = layout.output_box
+    kept = result.frames[:, y0:y1, x0:x1].astype(np.float64)
+    mse = np.mean((kept - src.frames) ** 2)
+    assert 10 * np.log10(255.0 ** 2 / mse) > 35  # the source survives, within codec error
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def broken_weights(weights, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(weights, incomplete)
+    (incomplete / "vae" / "flax_params.safetensors").unlink()
+    return incomplete
+
+
+def empty_video(tmp_path):
+    path = tmp_path / "empty.avi"
+    with av.open(str(path), "w", format="avi") as out:
+        stream = out.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        out.start_encoding()
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"video file not found: .*missing\.mp4"),
+    ("not_video", r"notes\.mp4 is not a video"),
+    ("no_frames", r"empty\.avi: its video stream has no decodable frame"),
+    ("bad_ratio", r"cannot parse aspect ratio 'wide'"),
+    ("no_weights", r"weights folder .*nowhere does not exist; convert a checkpoint"),
+    ("incomplete_weights", r"weights folder .*incomplete is incomplete: missing vae/flax_params\.safetensors"),
+    ("official_too_small", r"small\.mp4: official canvas: a 48x64 frame"),
+])
+def test_cli_errors(weights, tmp_path, capsys, case, message):
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.zeros((2, 48, 64, 3), np.uint8), 24)
+    args = {"ratio": "9:16", "weights": weights}
+    if case == "missing":
+        video = tmp_path / "missing.mp4"
+    elif case == "not_video":
+        video = tmp_path / "notes.mp4"
+        video.write_text("not a video\n")
+    elif case == "no_frames":
+        video = empty_video(tmp_path)
+    elif case == "bad_ratio":
+        args["ratio"] = "wide"
+    elif case == "no_weights":
+        args["weights"] = tmp_path / "nowhere"
+    elif case == "incomplete_weights":
+        args["weights"] = broken_weights(weights, tmp_path)
+    elif case == "official_too_small":
+        video = video.rename(tmp_path / "small.mp4")
+    rc = main([str(video), "--ratio", args["ratio"], "--output", str(tmp_path / "out.mp4"),
+               "--weights", str(args["weights"])])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "out.mp4").exists()
