@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Held-out clip (not in the training manifest), outpainted to 9:16 with the EMA weights at the end.
     c.sample = ml_collections.ConfigDict({
         "every": 0,  # also every N steps; 0: only when training ends
-        "videos": [os.path.join(REPO, "assets", "videos", "stream_of_water.mp4")],
+        "videos": (os.path.join(REPO, "assets", "videos", "stream_of_water.mp4"),),
         "max_frames": 32, "ratio": "9:16", "steps": 25, "guidance_scale": 2.0, "global_guidance_scale": 4.0,
         "seed": 0, "canvas_long_side": 32, "global_hw": (32, 32), "grid_columns": 8,
     })

@@ -59,19 +59,30 @@ def finished_steps(workdir):
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
 
 
+HELD_OUT = str(REPO / "assets" / "videos" / "stream_of_water.mp4")
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, cache_dir):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(train_cmd(workdir, cache_dir, "--config.total_steps=10"), env=env())
+    run(train_cmd(workdir, cache_dir, "--config.total_steps=10", f"--config.sample.videos=('{HELD_OUT}',)"),
+        env=env())
     return workdir
 
 
-def test_uninterrupted_run_learns_and_checkpoints(uninterrupted):
+def test_uninterrupted_run_learns_checkpoints_and_samples(uninterrupted):
     rows = metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert finished_steps(uninterrupted) == [6, 8, 10]  # keep_checkpoints = 3
     assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in rows)
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+    # The run ends with EMA outpaintings of the held-out clip: an mp4 with its frames and a frame grid.
+    from m3ddm_jax.video.io import read_video
+
+    folder = os.path.join(uninterrupted, "samples", "step_0000010")
+    video = read_video(os.path.join(folder, "stream_of_water.mp4"))
+    assert len(video.frames) == 4 and abs(video.frames.shape[2] / video.frames.shape[1] - 9 / 16) < 0.02
+    assert os.path.getsize(os.path.join(folder, "grid.png")) > 0
 
 
 def test_kill9_then_resume_equals_uninterrupted(tmp_path, cache_dir, uninterrupted):
