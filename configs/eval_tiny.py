@@ -1,20 +1,18 @@
 """The benchmark shrunk for tests and smoke runs: the bundled clips, 16 frames at 64x128, 2 sampling steps on a
-64x128 canvas, with the tiny converted fixture weights (README quick start writes out/m3ddm_tiny):
+64x128 canvas, with the tiny converted fixture weights (README "Outpainting a video" writes out/m3ddm_tiny):
 
     python -m m3ddm_jax.evaluate --config configs/eval_tiny.py
 """
 
-import importlib.util
 import os
+
+from m3ddm_jax.configlib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("eval_davis", os.path.join(REPO, "configs", "eval_davis.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(os.path.join(REPO, "configs", "eval_davis.py"))
     c.videos = os.path.join(REPO, "assets", "videos")
     c.output_dir = os.path.join(REPO, "workdir", "eval_tiny")
     c.weights = os.path.join(REPO, "out", "m3ddm_tiny")

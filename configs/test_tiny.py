@@ -1,18 +1,12 @@
 """The demo shrunk for tests: a few steps of a very small model on 16x16 clips of 4 frames."""
 
-import importlib.util
 import os
 
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from m3ddm_jax.configlib import load_config
 
 
 def get_config():
-    c = _demo().get_config()
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     c.total_steps = 8
     c.log_every = 1
     c.checkpoint_every = 2

@@ -1,23 +1,15 @@
 """Every config in configs/ loads, and its data and mesh settings are valid."""
 
-import importlib.util
-
 import pytest
 
 from conftest import REPO
 from m3ddm_jax import sharding
+from m3ddm_jax.configlib import load_config as load
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.training.trainer import data_config
 
 # Training configs; evaluation and batch-inference configs (eval_*, infer_*) have their own tests.
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.stem.startswith(("eval_", "infer_")))
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

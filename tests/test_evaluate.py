@@ -1,7 +1,6 @@
 """The evaluation runner: the protocol end to end with tiny weights on two bundled clips (a video file and a
 DAVIS-style frame folder), resume, scoring a predictions folder, bad videos, multi-host split, bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import torch
 
 from conftest import REPO
 from test_metrics import TorchI3D, lpips_pair  # noqa: F401 (a fixture)
-from m3ddm_jax import evaluate
+from m3ddm_jax import configlib, evaluate
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.video import read_video
@@ -26,10 +25,7 @@ ASSETS = REPO / "assets" / "videos"  # CC BY 3.0 / CC0 clips; see SOURCES.md the
 
 
 def load_config(name="eval_tiny", **overrides):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = configlib.load_config(REPO / "configs" / f"{name}.py")
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = cfg

@@ -5,7 +5,6 @@ JAX starts, and kill -9 needs a process). They share one persistent compilation 
 compiled once per session.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -108,10 +107,8 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, cache_dir, uninterrupt
 SHARDED_CHECK = r"""
 import sys, json
 import jax, numpy as np
-from ml_collections import config_flags
-import importlib.util
-spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod); cfg = mod.get_config()
+from m3ddm_jax.configlib import load_config
+cfg = load_config(sys.argv[1])
 cfg.data.batch_size = 8  # splits over the 2 x 4 mesh
 from m3ddm_jax import sharding
 from m3ddm_jax.training.trainer import build_trainer, data_config
@@ -218,13 +215,11 @@ def test_nonfinite_step_is_skipped_and_counted(cache_dir):
     import jax
 
     from m3ddm_jax import sharding
+    from m3ddm_jax.configlib import load_config
     from m3ddm_jax.training.trainer import build_trainer
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    spec = importlib.util.spec_from_file_location("test_tiny", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    trainer = build_trainer(module.get_config(), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    trainer = build_trainer(load_config(CONFIG), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
     batch = tiny_batch(np.random.default_rng(1))
     before = jax.device_get(trainer.state.params)
     bad = dict(batch, fps=np.full((2,), np.nan, np.float32))
