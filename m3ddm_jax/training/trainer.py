@@ -87,14 +87,16 @@ class Trainer:
         return nnx.merge(self.graphdef, ema, rest)
 
 
-def build_trainer(cfg, mesh: jax.sharding.Mesh) -> Trainer:
+def build_trainer(cfg, mesh: jax.sharding.Mesh, *, codec=None, unet=None) -> Trainer:
+    """`codec` and `unet` replace the configured ones (e.g. random weights of the full-size architecture for
+    benchmarks, where no converted folder exists)."""
     rules = [tuple(r) for r in cfg.logical_axis_rules]
     split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
     if cfg.data.batch_size % split:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} (global) does not split over the {split} "
                          f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split}")
-    codec = build_codec(cfg)
-    unet = build_unet(cfg, codec.config.latent_channels)
+    codec = build_codec(cfg) if codec is None else codec
+    unet = build_unet(cfg, codec.config.latent_channels) if unet is None else unet
     tx, lr_schedule = train_step.make_optimizer(cfg.optim)
     schedule = NoiseSchedule.from_config(cfg.scheduler.to_dict())
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
