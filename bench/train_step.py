@@ -166,14 +166,19 @@ def main(argv) -> None:
         "compile_s": round(compile_s, 2), "median_step_s": round(median, 5),
         "examples_per_s": round(len(batch["fps"]) / median, 3),
         "model_gflops_per_step": round(model_flops / 1e9, 3), "hw_gflops_per_step": round(hw_flops / 1e9, 3),
-        "tflops_per_s_per_device": round(per_device(model_flops) / 1e12, 4), "peak_tflops": peak,
-        "mfu": round(per_device(model_flops) / (peak * 1e12), 4) if peak else None,
-        "hfu": round(per_device(hw_flops) / (peak * 1e12), 4) if peak else None,
+        "tflops_per_s_per_device": _digits(per_device(model_flops) / 1e12), "peak_tflops": peak,
+        "mfu": _digits(per_device(model_flops) / (peak * 1e12)) if peak else None,
+        "hfu": _digits(per_device(hw_flops) / (peak * 1e12)) if peak else None,
     })
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         result["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     _report(result)
+
+
+def _digits(x: float) -> float:
+    """4 significant digits (a tiny CPU MFU must not round to 0)."""
+    return float(f"{x:.4g}")
 
 
 def _report(result: dict) -> None:
