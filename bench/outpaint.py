@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -29,6 +28,7 @@ from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
 from m3ddm_jax.sampling import Outpainter  # noqa: E402
 from m3ddm_jax.video import read_video  # noqa: E402
+from report import report  # noqa: E402
 
 DEFAULT_VIDEO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videos",
                              "stream_of_water.mp4")
@@ -104,11 +104,7 @@ def main(argv=None) -> dict:
             "total_s": round(t["total"], 3), "vae_s": round(t["vae"], 3), "unet_s": round(t["unet"], 3),
             "overhead_s": round(t["total"] - t["vae"] - t["unet"], 3), "frames_per_s": round(n / t["total"], 3),
         }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ and dropout sampling) and fed every step, so the figure is the device step, not 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
 from m3ddm_jax.training import step as train_step  # noqa: E402
 from m3ddm_jax.training.trainer import build_codec, build_trainer, data_config, global_batch  # noqa: E402
+from report import report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (get_config())")
 _ITERS = flags.DEFINE_integer("iters", 10, "timed steps (after one warm-up step)")
@@ -81,8 +81,8 @@ def synthetic_batch(cfg, codec, inputs: str) -> dict:
     clip = cfg.data.clip
     h, w = clip.size
     frames = np.random.default_rng(0).integers(0, 256, (2 * clip.num_frames, h, w, 3), np.uint8)
-    dc = dataclasses.replace(data_config(_with_source(cfg)), latent_cache=None, worker_count=0)
-    batch = next(iter(make_dataset(dc, seed=cfg.seed, source=[ArrayVideo(frames, 30.0)])))
+    batch = next(iter(make_dataset(data_config(_with_source(cfg)), seed=cfg.seed,
+                                   source=[ArrayVideo(frames, 30.0)])))
     batch = {k: batch[k] for k in train_step.BATCH_KEYS if k in batch}
     if inputs == "latents":
         f = codec.config.downsample_factor
@@ -96,9 +96,9 @@ def synthetic_batch(cfg, codec, inputs: str) -> dict:
 
 
 def _with_source(cfg):
-    """data_config() insists on a source; the synthetic video replaces it."""
+    """data_config() insists on a source; the synthetic video replaces it, decoded in this process."""
     cfg = cfg.copy_and_resolve_references()
-    cfg.data.root, cfg.data.latent_cache = "/synthetic", ""
+    cfg.data.root, cfg.data.latent_cache, cfg.data.worker_count = "/synthetic", "", 0
     return cfg
 
 
@@ -136,7 +136,7 @@ def main(argv) -> None:
         model_flops, hw_flops = step_flops(cfg, unet.config, codec, state, nnx.state(codec), batch)
         result.update(params=sum(x.size for x in jax.tree.leaves(params)),
                       model_gflops_per_step=round(model_flops / 1e9, 3), hw_gflops_per_step=round(hw_flops / 1e9, 3))
-        _report(result)
+        report(result, _JSON.value)
         return
 
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
@@ -173,19 +173,12 @@ def main(argv) -> None:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         result["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
-    _report(result)
+    report(result, _JSON.value)
 
 
 def _digits(x: float) -> float:
     """4 significant digits (a tiny CPU MFU must not round to 0)."""
     return float(f"{x:.4g}")
-
-
-def _report(result: dict) -> None:
-    print(json.dumps(result, indent=2))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from m3ddm_jax import pretrained  # noqa: E402
 from m3ddm_jax.flops import count_flops  # noqa: E402
 from m3ddm_jax.models.layers import random_init  # noqa: E402
 from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
+from report import report  # noqa: E402
 
 PRESETS = {
     # The fixtures' tiny official config.
@@ -73,8 +73,7 @@ def main(argv=None) -> dict:
                             spec(args.batch, args.frames, args.size, args.size, cfg.in_channels), tokens)
         result = {"model": args.preset, "shape": f"B={args.batch} F={args.frames} latent={args.size}x{args.size} "
                                                  f"g={args.global_frames}", "gflops_per_step": round(flops / 1e9, 3)}
-        print(json.dumps(result, indent=2))
-        return result
+        return report(result, args.json)
 
     unet = build(args)
     cfg = unet.config
@@ -111,11 +110,7 @@ def main(argv=None) -> dict:
         "compile_s": round(compile_s, 2), "median_step_s": round(median, 5),
         "gflops_per_step": round(flops / 1e9, 3), "tflops_per_s": round(flops / median / 1e12, 4),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 import json
 import os
 import pathlib
+from fractions import Fraction
 
+import av
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,3 +42,14 @@ def load_json(name: str):
             raise FileNotFoundError(f"{path / name} is missing")
         return None
     return json.loads((path / name).read_text())
+
+
+def mux_sine(container, stream, rate: int, num_samples: int) -> None:
+    """Encodes a 440 Hz mono sine of num_samples at `rate` into an open audio stream and flushes it."""
+    t = np.arange(num_samples) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    for start in range(0, len(samples), 1024):
+        chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
+        chunk.sample_rate, chunk.pts, chunk.time_base = rate, start, Fraction(1, rate)
+        container.mux(stream.encode(chunk))
+    container.mux(stream.encode(None))

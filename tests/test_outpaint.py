@@ -7,13 +7,12 @@ import re
 import shutil
 import subprocess
 import sys
-from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
-from conftest import VIDEOS
+from conftest import VIDEOS, mux_sine
 from test_sampler import SMALL_UNET
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.layers import random_init
@@ -165,13 +164,7 @@ def make_input_clip(path, frames=17):
     rate = 8000
     with av.open(str(audio), "w", format="mp4") as out:
         stream = out.add_stream("aac", rate=rate, layout="mono")
-        t = np.arange(int(rate * clip.duration)) / rate
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-        for start in range(0, len(samples), 1024):
-            chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = rate, start, Fraction(1, rate)
-            out.mux(stream.encode(chunk))
-        out.mux(stream.encode(None))
+        mux_sine(out, stream, rate, int(rate * clip.duration))
     write_video(path, clip.frames, clip.fps, audio_from=audio)
     return read_video(path)
 

@@ -67,10 +67,11 @@ def test_tiny_model_overfits_one_clip_and_beats_the_telea_init():
                             guidance_scale=1.0, global_guidance_scale=1.0)
     result = outpainter.outpaint(source, FPS, 1.0, mode="native", canvas_long_side=16, global_hw=(16, 16))
     assert result.frames.shape == gt.shape
-    band = make_canvas(source, result.layout).mask.astype(bool)
+    canvas = make_canvas(source, result.layout)
+    band = canvas.mask.astype(bool)
     assert band.sum() == 16 * 8
     error = lambda frames: np.abs(frames.astype(np.float32) - gt.astype(np.float32))[:, band].mean()
-    telea = error(make_canvas(source, result.layout).init)
+    telea = error(canvas.init)
     print(f"loss {np.mean(losses[:50]):.3f} -> {np.mean(losses[-200:]):.4f}; generated-region MAE "
           f"{error(result.frames):.2f} (TELEA init {telea:.2f}) uint8 levels")
     assert error(result.frames) < telea, (error(result.frames), telea)

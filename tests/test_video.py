@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import VIDEOS, load_json
+from conftest import VIDEOS, load_json, mux_sine
 from m3ddm_jax.video import (composite, composite_native, crop, global_frame_indices, global_frames,
                              latent_mask, make_canvas, native_layout, official_layout, parse_ratio,
                              read_video, resize_bilinear_antialias, to_model_range, write_video)
@@ -207,13 +207,7 @@ def _make_clip_with_audio(path, codec, container_format, *, frames=10, fps=10, r
             frame.pts, frame.time_base = i, Fraction(1, fps)
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
-        t = np.arange(rate * frames // fps) / rate
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-        for start in range(0, len(samples), 1024):
-            chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = rate, start, Fraction(1, rate)
-            out.mux(audio.encode(chunk))
-        out.mux(audio.encode(None))
+        mux_sine(out, audio, rate, rate * frames // fps)
 
 
 def _audio_seconds(path):
