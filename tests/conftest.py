@@ -1,4 +1,7 @@
-"""Shared test fixtures: the official reference folder and small helpers."""
+"""Shared test fixtures: the official reference folder and small helpers.
+
+The project's shared folder (official-code fixtures, test clips) is M3DDM_SHARED_DIR, by default `shared/`
+beside the checkout; .ci/run also finds it beside the checkout a clone was made from."""
 
 import json
 import os
@@ -10,12 +13,13 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = REPO.parent / "shared" / "fixtures" / "m3ddm_reference"
-VIDEOS = REPO.parent / "shared" / "data" / "videos"
+SHARED = pathlib.Path(os.environ.get("M3DDM_SHARED_DIR") or REPO.parent / "shared")
+DEFAULT_REFERENCE = SHARED / "fixtures" / "m3ddm_reference"
+VIDEOS = SHARED / "data" / "videos"
 
 
 def reference_path() -> pathlib.Path | None:
-    """M3DDM_REFERENCE_DIR, else ../shared/fixtures/m3ddm_reference if it exists, else None."""
+    """M3DDM_REFERENCE_DIR, else SHARED/fixtures/m3ddm_reference if it exists, else None."""
     env = os.environ.get("M3DDM_REFERENCE_DIR")
     if env:
         return pathlib.Path(env)
