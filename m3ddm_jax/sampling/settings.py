@@ -1,0 +1,73 @@
+"""The sampler settings: one object, one set of names, for every place that outpaints.
+
+Training samples and validation, `outpaint`, `infer`, `evaluate`, the ahead-of-time compiler and the configs
+all read these fields under these names (a config's `sampler` section holds exactly them). Defaults are the
+official pipeline's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+SCHEDULERS = ("pndm", "ddim")
+CANVAS_MODES = ("official", "native")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    steps: int = 50  # denoising steps per window
+    scheduler: str = "pndm"  # pndm (the official loop, quirk included) | ddim
+    guidance_scale: float = 2.0  # the masked-frame condition (official guidance_scale)
+    global_guidance_scale: float = 4.0  # the global-frame condition (official previous_guidance_scale); <= 1: 2-way
+    exact_branches: bool = False  # also evaluate the 4th branch the official code computes and discards
+    windows_per_call: int = 0  # most windows per sampler call; 0: 4 per local device
+    # official: the official square canvas (<= 256 pixels), cropped to the ratio; native: a canvas shaped like
+    # the ratio with long side canvas_size (a multiple of the model's size multiple), composited at the
+    # source resolution.
+    canvas_mode: str = "official"
+    canvas_size: int = 256
+    global_size: tuple[int, int] = (256, 256)  # (H, W) the global frames are resized to (official 256x256)
+    dtype: str = "auto"  # UNet compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    attention: str = "auto"  # attention kernel, a name of the kernel registry (auto: the backend's best)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "global_size", tuple(int(s) for s in self.global_size))
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.scheduler in SCHEDULERS, f"scheduler={self.scheduler!r}; expected one of {SCHEDULERS}"),
+            (self.windows_per_call >= 0, f"windows_per_call must be >= 0 (0: the default), got {self.windows_per_call}"),
+            (self.canvas_mode in CANVAS_MODES, f"canvas_mode={self.canvas_mode!r}; expected one of {CANVAS_MODES}"),
+            (self.canvas_size >= 1, f"canvas_size must be positive, got {self.canvas_size}"),
+            (len(self.global_size) == 2 and min(self.global_size) >= 1,
+             f"global_size must be (height, width), got {self.global_size}"),
+            (self.dtype in DTYPES, f"dtype={self.dtype!r}; expected one of {DTYPES}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"sampler settings: {message}")
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> SamplerSettings:
+        """From a config's `sampler` section (a ConfigDict or dict); an unknown key is an error naming it."""
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"sampler settings: unknown key(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> SamplerSettings:
+        return dataclasses.replace(self, **changes)
+
+    def compute_dtype(self, backend: str) -> str:
+        """The UNet dtype on `backend` ('cpu', 'gpu', 'tpu'): 'auto' is float32 on CPU, where bfloat16 matmuls
+        are emulated and slow, and bfloat16 elsewhere."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if backend == "cpu" else "bfloat16"
