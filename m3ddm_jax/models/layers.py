@@ -116,8 +116,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
     `impl` selects the kernel: 'xla' (any backend; exact reference numerics) or 'cudnn' (flash attention
     on NVIDIA GPUs, bfloat16/float16 only).
     """
+    if impl == "auto":
+        impl = "xla"
     if impl not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {impl!r}; expected 'xla' or 'cudnn'")
+        raise ValueError(f"unknown attention implementation {impl!r}; expected 'auto', 'xla' or 'cudnn'")
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
