@@ -26,6 +26,7 @@ from flax import nnx  # noqa: E402
 
 from m3ddm_jax import pretrained  # noqa: E402
 from m3ddm_jax.flops import count_flops  # noqa: E402
+from m3ddm_jax.models import attention  # noqa: E402
 from m3ddm_jax.models.layers import random_init  # noqa: E402
 from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
 from report import report  # noqa: E402
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=32, help="latent height and width")
     p.add_argument("--global-frames", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--attention", default="xla", choices=attention.NAMES)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--flops-only", action="store_true",
                    help="count FLOPs on the abstract model (no parameters allocated, nothing run)")

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3ddm_jax.models import attention
+
 Dtype = Any
 
 
@@ -110,24 +112,12 @@ class GroupNorm(nnx.Module):
         return (y * self.scale.value + self.bias.value).astype(self.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
-    """Softmax attention on (B, T, heads, head_dim) tensors, scaled by head_dim^-0.5.
-
-    `impl` selects the kernel: 'xla' (any backend; exact reference numerics) or 'cudnn' (flash attention
-    on NVIDIA GPUs, bfloat16/float16 only).
-    """
-    if impl == "auto":
-        impl = "xla"
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {impl!r}; expected 'auto', 'xla' or 'cudnn'")
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
 class Attention(nnx.Module):
     """Multi-head attention with PyTorch naming: to_q, to_k, to_v, to_out (to_out.0 in PyTorch).
 
     `heads` is the number of heads; the head width is query_dim // heads. With `context=None` it is
-    self-attention (keys and values project from `x`).
+    self-attention (keys and values project from `x`). `attention_impl` names the kernel
+    (m3ddm_jax.models.attention: a KERNELS name or 'auto').
     """
 
     def __init__(self, query_dim: int, heads: int, *, context_dim: int | None = None, qkv_bias: bool = False,
@@ -136,7 +126,7 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention: width {query_dim} does not split into {heads} heads")
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.attention_impl = attention_impl
+        self.attention_impl = attention.check_attention_impl(attention_impl)
         self.to_q = linear(query_dim, query_dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
         self.to_k = linear(context_dim, query_dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype,
                            axes=("embed", "heads"))
@@ -150,5 +140,5 @@ class Attention(nnx.Module):
         n, t, c = x.shape
         split = lambda y: y.reshape(*y.shape[:-1], self.heads, c // self.heads)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        out = dot_product_attention(q, k, v, impl=self.attention_impl)
+        out = attention.dot_product_attention(q, k, v, impl=self.attention_impl)
         return self.to_out(out.reshape(n, t, c))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3ddm_jax.models.attention import check_attention_impl
 from m3ddm_jax.models.embeddings import TimestepEmbedding, sinusoidal_embedding
 from m3ddm_jax.models.global_encoder import GlobalFrameEncoder
 from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, linear
@@ -62,6 +63,7 @@ class UNet3DConfig:
     fps_conditioning: bool = True  # the fps embedding and each resnet's fps projection
     global_encoder: bool = True  # the global-frame encoder that makes the cross-attention tokens
     dtype: str = "float32"
+    # The attention kernel: a name of m3ddm_jax.models.attention.KERNELS, or 'auto' (the platform's best).
     attention_impl: str = "xla"
     # Rematerialisation of every resnet and transformer in training: 'none', 'full' (keep only block inputs)
     # or 'dots' (keep matmul/conv outputs, recompute the elementwise work).
@@ -87,6 +89,7 @@ class UNet3DConfig:
             raise ValueError("UNet3DConfig: layers_per_block must be >= 1")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"UNet3DConfig: remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        check_attention_impl(self.attention_impl)
 
     @property
     def compute_dtype(self) -> Dtype:

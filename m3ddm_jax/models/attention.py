@@ -1,0 +1,167 @@
+"""Attention kernels, chosen by name from one registry.
+
+Every kernel computes softmax(q k^T / sqrt(head_dim)) v on (B, T, heads, head_dim) arrays (keys and values
+may have another length than the queries), with the softmax statistics in float32:
+
+- `xla`: jax.nn.dot_product_attention, the reference numerics. It materialises the whole score matrix.
+- `chunked`: blocks of (batch, queries) under a fixed byte budget for the float32 scores, each block the
+  `xla` computation; keys longer than a block are streamed with an online (running max / running sum)
+  softmax. Memory is bounded whatever the batch and lengths; any backend.
+- `splash`: Pallas splash attention (TPU). Off TPU, and for sequences too short to fill its tiles, it runs
+  `xla` instead. The choice is made when the program is lowered, so a CPU host compiling for a TPU slice
+  (jax.experimental.topologies) gets the Pallas kernel.
+- `cudnn`: cuDNN flash attention (NVIDIA GPUs, bfloat16/float16). Elsewhere, in float32 or for head widths
+  cuDNN lacks, it runs `xla`.
+- `auto`: the best kernel for the platform (AUTO; `resolve_attention`).
+
+Adding a kernel is one entry in KERNELS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+# ---------------------------------------------------------------------------------------------- chunked
+
+# Float32 scores per block (batch x heads x queries x keys x 4 bytes), and keys per block. Measured on the
+# UNet's shapes with bench/attention.py (BENCHMARKS.md).
+CHUNK_BYTES = 32 << 20
+CHUNK_KEYS = 4096
+
+
+def _block(n: int, cap: int, align: int = 1) -> int:
+    """The block size (a multiple of `align`, at most max(cap, align)) that pads `n` the least; ties go to the
+    larger block."""
+    cap = max(min(cap, n), align)  # a block beyond n only pads more
+    return min(range(align, cap + 1, align), key=lambda b: (-(-n // b) * b, -b))
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _online_softmax(q: jax.Array, k: jax.Array, v: jax.Array, kv_block: int, kv_len: int) -> jax.Array:
+    """Attention of q (b, tq, h, d) over keys streamed in blocks of `kv_block` (k, v padded to a multiple of
+    it; keys at positions >= kv_len are padding): a running max and sum per query, float32 accumulators."""
+    b, tq, h, d = q.shape
+    scale = jnp.float32(d ** -0.5)
+    num_blocks = k.shape[1] // kv_block
+
+    def step(carry, j):
+        m, l, acc = carry  # (b, h, tq), (b, h, tq), (b, h, tq, d)
+        kj = jax.lax.dynamic_slice_in_dim(k, j * kv_block, kv_block, axis=1)
+        vj = jax.lax.dynamic_slice_in_dim(v, j * kv_block, kv_block, axis=1)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, kj, preferred_element_type=jnp.float32) * scale
+        if k.shape[1] != kv_len:
+            s = jnp.where(j * kv_block + jnp.arange(kv_block) < kv_len, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return (m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv), None
+
+    init = (jnp.full((b, h, tq), -jnp.inf, jnp.float32), jnp.zeros((b, h, tq), jnp.float32),
+            jnp.zeros((b, h, tq, d), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(num_blocks))
+    return (acc / l[..., None]).astype(q.dtype).transpose(0, 2, 1, 3)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_bytes: int = CHUNK_BYTES,
+                      kv_block: int = CHUNK_KEYS) -> jax.Array:
+    """Attention without the full score matrix: at most `block_bytes` of float32 scores live at once.
+
+    Blocks of (batch rows, queries) run one after the other (lax.map); each is the `xla` computation when all
+    keys fit in one block, else an online softmax over blocks of `kv_block` keys. Each block is
+    rematerialised in the backward pass, so training does not store the scores either. Inputs small enough
+    for one block go straight to `xla`.
+    """
+    b, tq, h, _ = q.shape
+    tk = k.shape[1]
+    bk = _block(tk, kv_block)
+    rows = max(1, block_bytes // (4 * h * bk))  # (batch x query) rows of scores per block
+    if rows >= tq:
+        bq, bb = tq, _block(b, rows // tq)
+    else:
+        bq, bb = _block(tq, rows), 1
+    if (bb, bq, bk) == (b, tq, tk):
+        return xla_attention(q, k, v)
+    nb, nq, nk = -(-b // bb), -(-tq // bq), -(-tk // bk)
+    q = _pad_axis(_pad_axis(q, 0, nb * bb), 1, nq * bq)
+    k, v = (_pad_axis(_pad_axis(x, 0, nb * bb), 1, nk * bk) for x in (k, v))
+
+    @jax.checkpoint
+    def block(i):
+        bi, qi = jnp.divmod(i, nq)
+        qb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(q, bi * bb, bb, 0), qi * bq, bq, 1)
+        kb, vb = (jax.lax.dynamic_slice_in_dim(x, bi * bb, bb, 0) for x in (k, v))
+        return xla_attention(qb, kb, vb) if nk == 1 else _online_softmax(qb, kb, vb, bk, tk)
+
+    out = jax.lax.map(block, jnp.arange(nb * nq))  # (nb * nq, bb, bq, h, d)
+    out = out.reshape(nb, nq, bb, bq, h, -1).transpose(0, 2, 1, 3, 4, 5).reshape(nb * bb, nq * bq, h, -1)
+    return out[:b, :tq]
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    platforms: tuple[str, ...]  # where it runs as itself (jax.default_backend() names)
+    fallback: str | None  # what runs elsewhere and for inputs it does not support
+    description: str
+
+
+KERNELS: dict[str, AttentionKernel] = {
+    "xla": AttentionKernel(xla_attention, ("cpu", "gpu", "tpu"), None,
+                           "jax.nn.dot_product_attention: the reference; materialises the score matrix"),
+    "chunked": AttentionKernel(chunked_attention, ("cpu", "gpu", "tpu"), None,
+                               "blocks of queries (and keys, online softmax) under a fixed score budget"),
+}
+
+# 'auto' per platform. CPU: see bench/attention.py and BENCHMARKS.md.
+AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+
+NAMES = ("auto", *KERNELS)
+
+
+def check_attention_impl(name: str) -> str:
+    """`name` if it names a kernel or 'auto', else a ValueError listing the registry."""
+    if name not in NAMES:
+        raise ValueError(f"unknown attention_impl {name!r}; expected one of {', '.join(map(repr, NAMES))}")
+    return name
+
+
+def resolve_attention(name: str, platform: str) -> str:
+    """The concrete kernel `name` stands for on `platform` ('cpu', 'gpu', 'tpu'; 'cuda'/'rocm' mean 'gpu').
+
+    'auto' becomes AUTO[platform]; a concrete name is returned as it is (off its platforms a kernel runs its
+    fallback by itself). Code that compiles for another platform than the host's (ahead-of-time compilation
+    for a TPU slice) calls this with the target platform and passes the result to the model."""
+    check_attention_impl(name)
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if platform not in AUTO:
+        raise ValueError(f"unknown platform {platform!r}; expected one of {sorted(AUTO)}")
+    return AUTO[platform] if name == "auto" else name
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
+    """Softmax attention on (B, T, heads, head_dim) queries and (B, S, heads, head_dim) keys and values,
+    scaled by head_dim^-0.5, with the kernel `impl` (a KERNELS name or 'auto')."""
+    return KERNELS[resolve_attention(impl, jax.default_backend())].fn(q, k, v)
