@@ -1,6 +1,7 @@
 """The attention-kernel registry: names and resolution, and every kernel against the `xla` reference."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +108,93 @@ def test_chunked_never_holds_the_score_matrix():
     scores = b * heads * t * t * 4
     assert temp(attention.xla_attention) >= scores
     assert temp(functools.partial(attention.chunked_attention, block_bytes=block_bytes)) <= 4 * block_bytes
+
+
+# -------------------------------------------------------------------------------------------- splash
+
+# Pallas interpret mode runs the kernel's own program (tiling, online softmax, masking) with XLA on the CPU.
+# Float32: the same products summed in another order, as for `chunked`. bfloat16: splash rounds q * scale to
+# bfloat16 and keeps the probabilities in float32 where `xla` rounds them, each a relative 2^-9 error, and
+# both round the output: BF16_TOL of the output's largest value.
+SPLASH_CASES = [
+    # Cross-attention with 200 queries and 130 keys: both padded to their tiles (keys masked), head_dim 40
+    # padded to 128.
+    ((2, 200, 130, 2, 40), jnp.float32),
+    ((1, 128, 300, 2, 80), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", SPLASH_CASES, ids=lambda c: "b{}_q{}_k{}_h{}_d{}".format(*c[0]) + c[1].__name__)
+def test_splash_interpret_matches_xla(case):
+    shape, dtype = case
+    q, k, v = qkv(*shape, dtype)
+    got = jax.jit(functools.partial(attention.splash_kernel_attention, interpret=True))(q, k, v)
+    want = attention.xla_attention(q, k, v)
+    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL * float(jnp.abs(want.astype(jnp.float32)).max())
+    assert max_diff(got, want) <= tol
+
+
+def test_splash_runs_xla_for_short_sequences_and_off_tpu():
+    q, k, v = qkv(2, 16, 16, 2, 40)  # temporal attention over 16 frames
+    assert attention.SPLASH_MIN_LEN > 16
+    want = attention.xla_attention(q, k, v)
+    assert jnp.array_equal(attention.splash_kernel_attention(q, k, v), want)
+    q, k, v = qkv(1, 256, 256, 2, 40)
+    assert jnp.array_equal(jax.jit(attention.splash_attention)(q, k, v), jax.jit(attention.xla_attention)(q, k, v))
+
+
+@pytest.fixture(scope="module")
+def tpu_devices():
+    """The 4 devices of a v5e:2x2 slice, from libtpu's ahead-of-time compiler (no TPU needed)."""
+    pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to guard; parallel tests share libtpu
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+
+
+def compile_for_tpu(fn, devices, *shapes, dtype=jnp.bfloat16):
+    """`fn` compiled for `devices` (a mesh over them, set while tracing) on arrays of `shapes`, split over the
+    mesh where their leading dimension allows; returns the lowered program's text."""
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    spec = lambda s: jax.sharding.PartitionSpec("data" if s[0] % len(devices) == 0 else None)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, dtype, sharding=jax.sharding.NamedSharding(mesh, spec(s)))
+                                      for s in shapes))
+    lowered.compile()
+    return lowered.as_text()
+
+
+def test_splash_compiles_for_tpu(tpu_devices):
+    """The Pallas kernel itself (not the fallback) compiles for a TPU at the UNet's cross-attention shape, on
+    one chip, and on 4 through the per-shard wrapper: data parallel (forward and gradient), and over heads
+    when the batch does not split."""
+    q, kv = (4, 4096, 8, 40), (4, 3136, 8, 40)  # a row's 16 frames x 16x16 queries; 16 x 14x14 global tokens
+    grad = jax.grad(lambda q, k, v: attention.splash_attention(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
+    heads_only = ((2,) + q[1:], (2,) + kv[1:])
+    for fn, devices, shapes in [(attention.splash_attention, tpu_devices[:1], (q, kv, kv)),
+                                (grad, tpu_devices, (q, kv, kv)),
+                                (attention.splash_attention, tpu_devices, heads_only + heads_only[1:])]:
+        assert "tpu_custom_call" in compile_for_tpu(fn, devices, *shapes)
+
+
+@pytest.mark.slow
+def test_unet_with_splash_compiles_for_tpu(tpu_devices):
+    """A tiny UNet forward with attention_impl='splash', data parallel over a v5e:2x2 slice (~1-3 min)."""
+    from m3ddm_jax import pretrained
+
+    cfg = UNet3DConfig(block_out_channels=(16, 32, 32, 32), attention_heads=2, norm_num_groups=8,
+                       attention_impl="splash", dtype="bfloat16")
+    graphdef, state = nnx.split(pretrained.abstract_model(cfg))
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=tpu_devices)
+    place = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+    state = jax.tree.map(lambda x: place(x, jax.sharding.PartitionSpec()), state)
+    split = jax.sharding.PartitionSpec("data")
+    # 16x16 latents: 256 tokens per frame and 4 x 6x6 = 144 global tokens reach splash; 8x8 and 4x4 run xla.
+    sample = place(jax.ShapeDtypeStruct((4, 4, 16, 16, 9), jnp.float32), split)
+    tokens = place(jax.ShapeDtypeStruct((4, 144, 320), jnp.float32), split)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(lambda st, x, tok: nnx.merge(graphdef, st)(x, 501, 8.0, tok)).lower(state, sample, tokens)
+    assert "tpu_custom_call" in lowered.as_text()
+    lowered.compile()

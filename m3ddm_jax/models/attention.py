@@ -9,7 +9,8 @@ may have another length than the queries), with the softmax statistics in float3
   softmax. Memory is bounded whatever the batch and lengths; any backend.
 - `splash`: Pallas splash attention (TPU). Off TPU, and for sequences too short to fill its tiles, it runs
   `xla` instead. The choice is made when the program is lowered, so a CPU host compiling for a TPU slice
-  (jax.experimental.topologies) gets the Pallas kernel.
+  (jax.experimental.topologies) gets the Pallas kernel. XLA cannot partition a Pallas kernel: on more than
+  one device, trace under `jax.set_mesh(mesh)` and splash runs per shard over that mesh.
 - `cudnn`: cuDNN flash attention (NVIDIA GPUs, bfloat16/float16). Elsewhere, in float32 or for head widths
   cuDNN lacks, it runs `xla`.
 - `auto`: the best kernel for the platform (AUTO; `resolve_attention`).
@@ -20,13 +21,11 @@ Adding a kernel is one entry in KERNELS.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -117,6 +116,74 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_bytes: 
     return out[:b, :tq]
 
 
+# -------------------------------------------------------------------------------------------- splash
+
+LANES = 128  # TPU vector lane width: splash tiles sequences and its layout pads head_dim in units of it
+# Below one lane tile, padding would multiply the score work by (128 / T)^2 (64x for the temporal attention
+# over 16 frames), and the T^2 scores per head are no larger than q, k and v (3 T head_dim): there is no
+# traffic to save, so such calls (temporal attention; the 8x8 and 4x4 spatial levels) run `xla`.
+SPLASH_MIN_LEN = LANES
+SPLASH_BLOCK_Q = 512
+SPLASH_BLOCK_KV = 1024
+SPLASH_BLOCK_KV_COMPUTE = 512
+
+
+def _shard_over_mesh(fn: Callable, batch: int, heads: int) -> Callable:
+    """`fn` on (batch, heads, ...) arrays, run per shard when a mesh is set (`jax.set_mesh`): XLA cannot
+    partition a Mosaic kernel. The batch is split over the mesh axes it divides, in mesh order, then heads
+    over the rest they divide; other axes hold replicas."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    axes: tuple[list, list] = ([], [])
+    for name, size in mesh.shape.items():
+        for dim, n in zip(axes, (batch, heads)):
+            if size > 1 and n % (size * math.prod(mesh.shape[a] for a in dim)) == 0:
+                dim.append(name)
+                break
+    spec = jax.sharding.PartitionSpec(*(tuple(a) or None for a in axes))
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+def splash_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly). Sequences are padded to its
+    tiles: padded keys are masked out (segment ids), padded queries dropped; head_dim is zero-padded to
+    whole lanes (zeros add nothing to q.k and give zero output columns), and the scale of the true head_dim
+    is applied to q beforehand. Sequences shorter than SPLASH_MIN_LEN run `xla`."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, tq, heads, d = q.shape
+    tk = k.shape[1]
+    if min(tq, tk) < SPLASH_MIN_LEN:
+        return xla_attention(q, k, v)
+    bq, bk = _block(tq, SPLASH_BLOCK_Q, LANES), _block(tk, SPLASH_BLOCK_KV, LANES)
+    bk_compute = _block(bk, SPLASH_BLOCK_KV_COMPUTE, LANES)
+    tq_pad, tk_pad, d_pad = -(-tq // bq) * bq, -(-tk // bk) * bk, -(-d // LANES) * LANES
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk_compute, block_q_dkv=bq,
+                              block_kv_dkv=bk, block_kv_dkv_compute=bk_compute, use_fused_bwd_kernel=True)
+    layout = lambda x, t: _pad_axis(_pad_axis(x, 1, t), 3, d_pad).transpose(0, 2, 1, 3)  # (B, heads, T, D)
+    q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+
+    def attend(q, k, v):  # one shard: (b, h, T, D)
+        h = q.shape[1]
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((tq_pad, tk_pad))] * h),
+                                        block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        segments = None
+        if tk_pad != tk:
+            segments = splash.SegmentIds(q=jnp.zeros((tq_pad,), jnp.int32),
+                                         kv=(jnp.arange(tk_pad) >= tk).astype(jnp.int32))
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+
+    out = _shard_over_mesh(attend, b, heads)(layout(q, tq_pad), layout(k, tk_pad), layout(v, tk_pad))
+    return out[:, :, :tq, :d].transpose(0, 2, 1, 3)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Splash where the program is lowered for a TPU, `xla` elsewhere (decided at lowering, not from the
+    host's backend, so ahead-of-time compilation for a TPU slice gets the kernel)."""
+    return jax.lax.platform_dependent(q, k, v, tpu=splash_kernel_attention, default=xla_attention)
+
+
 # ---------------------------------------------------------------------------------------- registry
 
 
@@ -133,10 +200,12 @@ KERNELS: dict[str, AttentionKernel] = {
                            "jax.nn.dot_product_attention: the reference; materialises the score matrix"),
     "chunked": AttentionKernel(chunked_attention, ("cpu", "gpu", "tpu"), None,
                                "blocks of queries (and keys, online softmax) under a fixed score budget"),
+    "splash": AttentionKernel(splash_attention, ("tpu",), "xla",
+                              f"Pallas splash attention; sequences under {SPLASH_MIN_LEN} tokens run xla"),
 }
 
 # 'auto' per platform. CPU: see bench/attention.py and BENCHMARKS.md.
-AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "splash"}
 
 NAMES = ("auto", *KERNELS)
 
