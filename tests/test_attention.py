@@ -198,3 +198,19 @@ def test_unet_with_splash_compiles_for_tpu(tpu_devices):
         lowered = jax.jit(lambda st, x, tok: nnx.merge(graphdef, st)(x, 501, 8.0, tok)).lower(state, sample, tokens)
     assert "tpu_custom_call" in lowered.as_text()
     lowered.compile()
+
+
+# --------------------------------------------------------------------------------------------- cudnn
+
+
+def test_cudnn_selection():
+    """cuDNN (no GPU here: the selection only) takes bfloat16/float16 with head_dim a multiple of 8, up to 128
+    before Hopper and 256 from it; everything else, and every other platform, runs xla."""
+    ok = lambda dtype, d, platform="gpu", cap="8.0": attention.cudnn_supported(dtype, d, platform, cap)
+    assert ok(jnp.bfloat16, 40) and ok(jnp.float16, 80) and ok(jnp.bfloat16, 128)
+    assert not ok(jnp.float32, 40)  # float32: the reference path
+    assert not ok(jnp.bfloat16, 36)  # not a multiple of 8
+    assert not ok(jnp.bfloat16, 160) and ok(jnp.bfloat16, 160, cap="9.0") and not ok(jnp.bfloat16, 264, cap="9.0")
+    assert not ok(jnp.bfloat16, 40, platform="cpu") and not ok(jnp.bfloat16, 40, platform="tpu")
+    q, k, v = qkv(2, 24, 20, 2, 40, jnp.bfloat16)
+    assert jnp.array_equal(attention.cudnn_attention(q, k, v), attention.xla_attention(q, k, v))

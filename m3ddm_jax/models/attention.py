@@ -184,6 +184,28 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(q, k, v, tpu=splash_kernel_attention, default=xla_attention)
 
 
+# --------------------------------------------------------------------------------------------- cudnn
+
+
+def cudnn_supported(dtype, head_dim: int, platform: str, compute_capability: str | None = None) -> bool:
+    """Whether cuDNN's flash attention takes these inputs: an NVIDIA GPU, bfloat16 or float16, head_dim a
+    multiple of 8 up to 128 (256 from Hopper, compute capability 9.0, on)."""
+    if platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
+        return False
+    hopper = compute_capability is not None and tuple(map(int, compute_capability.split("."))) >= (9, 0)
+    return head_dim <= (256 if hopper else 128)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN flash attention where `cudnn_supported`, else `xla`. Decided on the host's backend: cuDNN's
+    lowering can only be traced with a GPU attached."""
+    platform = jax.default_backend()
+    capability = getattr(jax.devices()[0], "compute_capability", None) if platform == "gpu" else None
+    if cudnn_supported(q.dtype, q.shape[-1], platform, capability):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return xla_attention(q, k, v)
+
+
 # ---------------------------------------------------------------------------------------- registry
 
 
@@ -202,10 +224,12 @@ KERNELS: dict[str, AttentionKernel] = {
                                "blocks of queries (and keys, online softmax) under a fixed score budget"),
     "splash": AttentionKernel(splash_attention, ("tpu",), "xla",
                               f"Pallas splash attention; sequences under {SPLASH_MIN_LEN} tokens run xla"),
+    "cudnn": AttentionKernel(cudnn_attention, ("gpu",), "xla",
+                             "cuDNN flash attention; bfloat16/float16 and head widths cuDNN takes, else xla"),
 }
 
 # 'auto' per platform. CPU: see bench/attention.py and BENCHMARKS.md.
-AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "splash"}
+AUTO = {"cpu": "chunked", "gpu": "cudnn", "tpu": "splash"}
 
 NAMES = ("auto", *KERNELS)
 
