@@ -12,8 +12,8 @@ What a call computes differs on purpose:
                      video, DESIGN section 6): the headline figure;
   jax_with_encoding  the same encoder work inside every call as the official forward.
 Both sides run float32 with the same number of threads on the same CPUs (PyTorch: torch.set_num_threads
-and OMP_WAIT_POLICY=PASSIVE, without which its spinning threads collapse whenever anything else runs; XLA
-sizes its pool from the CPU affinity mask, which each worker sets).
+and OMP_WAIT_POLICY=PASSIVE, without which its spinning threads collapse whenever anything else runs; XLA,
+which has no thread-count setting, is held to the same N CPUs by the affinity mask each worker sets).
 
 Peak memory is the peak resident size (VmHWM) of each worker during each timed call, reset through
 /proc/self/clear_refs just before the call, so it counts the weights, the runtime and the call's working

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if args.threads > len(cpus):
         raise SystemExit(f"--threads {args.threads}: this process may run on only {len(cpus)} CPUs")
-    # XLA sizes its thread pool from the affinity mask; both sides get the same CPUs.
+    # XLA has no thread-count setting; the affinity mask holds both sides to the same N CPUs.
     os.sched_setaffinity(0, cpus[:args.threads])
 
     with np.load(args.inputs) as z:
