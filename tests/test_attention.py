@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import test_unet
 from m3ddm_jax.models import attention
 from m3ddm_jax.models.layers import Attention
 from m3ddm_jax.models.unet3d import UNet3DConfig
 
 F32_TOL = 1e-5  # issue 12: parity with `xla` in float32
-# bfloat16 inputs: the kernels differ from `xla` only in the order of float32 accumulation and where the
-# probabilities are rounded to bfloat16 (one rounding, relative 2^-8 of values <= max |v|).
+# bfloat16 inputs: the kernels differ from `xla` in the order of float32 accumulation and in where values
+# are rounded to bfloat16 (the probabilities in `xla` and `chunked`; q * scale in splash), each a relative
+# 2^-9 error, and both round the output (half an ulp, 2^-9 relative): 2^-7 of the output's largest value
+# covers that and is far below what a wrong mask, scale or block would give.
 BF16_TOL = 2 ** -7
+
+
+def bf16_tol(want):
+    return BF16_TOL * float(jnp.abs(want.astype(jnp.float32)).max())
 
 
 def qkv(b, tq, tk, heads, head_dim, dtype=jnp.float32, seed=0):
@@ -68,26 +75,27 @@ def test_attention_module_runs_every_name(impl):
 
 # ------------------------------------------------------------------------------------------- chunked
 
-# (batch, queries, keys, heads, head_dim, block_bytes, kv_block): one block (straight to xla); batch blocks;
-# query blocks with padding (37 queries); cross-attention with streamed, padded keys (online softmax); and
-# the UNet's head widths.
+# (batch, queries, keys, heads, head_dim, block_bytes, kv_block): batch blocks (5 rows padded to 6); query
+# blocks (37 queries padded to 40); cross-attention with streamed, padded keys (online softmax); 8 heads of
+# streamed keys; the UNet's head widths. bfloat16 on the two block kinds (one pass, streamed keys).
 CHUNKED_CASES = [
-    (2, 16, 16, 2, 8, 1 << 20, 4096),
-    (5, 16, 16, 2, 40, 2 * 2 * 16 * 16 * 4, 4096),
-    (3, 37, 29, 2, 80, 2 * 8 * 29 * 4, 4096),
-    (2, 70, 47, 2, 160, 2 * 16 * 8 * 4, 16),
-    (1, 200, 1000, 8, 40, 8 * 64 * 256 * 4, 256),
+    ((5, 16, 16, 2, 40, 2 * 2 * 16 * 16 * 4, 4096), jnp.float32),
+    ((3, 37, 29, 2, 80, 2 * 8 * 29 * 4, 4096), jnp.float32),
+    ((3, 37, 29, 2, 80, 2 * 8 * 29 * 4, 4096), jnp.bfloat16),
+    ((2, 70, 47, 2, 160, 2 * 16 * 8 * 4, 16), jnp.float32),
+    ((2, 70, 47, 2, 160, 2 * 16 * 8 * 4, 16), jnp.bfloat16),
+    ((1, 200, 1000, 8, 40, 8 * 64 * 256 * 4, 256), jnp.float32),
 ]
 
 
-@pytest.mark.parametrize("case", CHUNKED_CASES, ids=lambda c: "b{}_q{}_k{}_h{}_d{}_bytes{}_kv{}".format(*c))
+@pytest.mark.parametrize("case", CHUNKED_CASES,
+                         ids=lambda c: "b{}_q{}_k{}_h{}_d{}_bytes{}_kv{}_".format(*c[0]) + c[1].__name__)
 def test_chunked_matches_xla(case):
-    b, tq, tk, heads, head_dim, block_bytes, kv_block = case
-    fn = jax.jit(functools.partial(attention.chunked_attention, block_bytes=block_bytes, kv_block=kv_block))
-    q, k, v = qkv(b, tq, tk, heads, head_dim)
-    assert max_diff(fn(q, k, v), attention.xla_attention(q, k, v)) <= F32_TOL
-    q, k, v = qkv(b, tq, tk, heads, head_dim, jnp.bfloat16)
-    assert max_diff(fn(q, k, v), attention.xla_attention(q, k, v)) <= BF16_TOL
+    (b, tq, tk, heads, head_dim, block_bytes, kv_block), dtype = case
+    q, k, v = qkv(b, tq, tk, heads, head_dim, dtype)
+    got = jax.jit(functools.partial(attention.chunked_attention, block_bytes=block_bytes, kv_block=kv_block))(q, k, v)
+    want = attention.xla_attention(q, k, v)
+    assert max_diff(got, want) <= (F32_TOL if dtype == jnp.float32 else bf16_tol(want))
 
 
 def test_chunked_gradients_match_xla():
@@ -112,10 +120,8 @@ def test_chunked_never_holds_the_score_matrix():
 
 # -------------------------------------------------------------------------------------------- splash
 
-# Pallas interpret mode runs the kernel's own program (tiling, online softmax, masking) with XLA on the CPU.
-# Float32: the same products summed in another order, as for `chunked`. bfloat16: splash rounds q * scale to
-# bfloat16 and keeps the probabilities in float32 where `xla` rounds them, each a relative 2^-9 error, and
-# both round the output: BF16_TOL of the output's largest value.
+# Pallas interpret mode runs the kernel's own program (tiling, online softmax, masking) with XLA on the CPU;
+# the tolerances are those of `chunked` (F32_TOL, BF16_TOL): the same products, summed in another order.
 SPLASH_CASES = [
     # Cross-attention with 200 queries and 130 keys: both padded to their tiles (keys masked), head_dim 40
     # padded to 128.
@@ -130,8 +136,7 @@ def test_splash_interpret_matches_xla(case):
     q, k, v = qkv(*shape, dtype)
     got = jax.jit(functools.partial(attention.splash_kernel_attention, interpret=True))(q, k, v)
     want = attention.xla_attention(q, k, v)
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL * float(jnp.abs(want.astype(jnp.float32)).max())
-    assert max_diff(got, want) <= tol
+    assert max_diff(got, want) <= (F32_TOL if dtype == jnp.float32 else bf16_tol(want))
 
 
 def test_splash_runs_xla_for_short_sequences_and_off_tpu():
@@ -214,3 +219,21 @@ def test_cudnn_selection():
     assert not ok(jnp.bfloat16, 40, platform="cpu") and not ok(jnp.bfloat16, 40, platform="tpu")
     q, k, v = qkv(2, 24, 20, 2, 40, jnp.bfloat16)
     assert jnp.array_equal(attention.cudnn_attention(q, k, v), attention.xla_attention(q, k, v))
+
+
+# -------------------------------------------------------------------------------- UNet parity (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("case", test_unet.CASES, ids=[c["name"] for c in test_unet.CASES])
+def test_unet_with_chunked_matches_official(case, reference_dir, monkeypatch):
+    """The official fixture cases with every attention of the tiny UNet chunked: blocks of 16 KiB of scores
+    and 64 keys, so that batch blocks, query blocks and the online softmax all run (~1 min per case)."""
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(attention, "CHUNK_KEYS", 64)
+    _, state, forward = test_unet.load_tiny(reference_dir, attention_impl="chunked")
+    d = np.load(reference_dir / case["file"])
+    diff = np.abs(test_unet.official_case_output(forward, state, d) - d["output"]).max()
+    print(f"{case['name']}: max abs diff {diff:.3g}")
+    assert diff <= test_unet.TOL

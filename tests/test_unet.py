@@ -23,11 +23,12 @@ def ncfhw_to_bfhwc(x):
     return np.moveaxis(x, 1, -1)
 
 
-@pytest.fixture(scope="module")
-def tiny(reference_dir):
-    """The tiny official UNet and a jitted forward taking the official call's arguments."""
+def load_tiny(reference_dir, **overrides):
+    """The tiny official UNet (config fields replaced by `overrides`), its state and a jitted forward taking
+    the official call's arguments."""
     meta = json.loads((reference_dir / "unet_cases.json").read_text())
-    model = m3ddm.load_official(str(reference_dir / meta["weights"]), str(reference_dir / meta["config"]))
+    model = m3ddm.load_official(str(reference_dir / meta["weights"]), str(reference_dir / meta["config"]),
+                                **overrides)
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnames="rows")
@@ -36,6 +37,27 @@ def tiny(reference_dir):
         return unet(sample, timestep, fps, branch_tokens(unet, cond_latents, uncond_latents, rows))
 
     return model, state, forward
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    return load_tiny(reference_dir)
+
+
+def official_fps(d):
+    """A fixture case's fps as the official model sees it: a Python float reaches it as int64."""
+    fps = d["fps"]
+    return np.trunc(fps) if fps.ndim == 0 and fps.dtype.kind == "f" else fps
+
+
+def official_case_output(forward, state, d):
+    """The forward's output (NCFHW, numpy) on the inputs of a fixture case file `d`, as the official call
+    passes them."""
+    latents = jnp.asarray(ncfhw_to_bfhwc(d["encoder_hidden_states"]))
+    layout = (official_layout(int(d["do_classfier"]), bool(d["is_empty_img"])), int(d["g"]))
+    out = forward(state, jnp.asarray(ncfhw_to_bfhwc(d["sample"])), jnp.asarray(d["timestep"]),
+                  jnp.asarray(official_fps(d)), latents, jnp.zeros_like(latents), rows=layout)
+    return np.moveaxis(np.asarray(out), -1, 1)
 
 
 def branch_tokens(unet, cond_latents, uncond_latents, layout):
@@ -56,17 +78,11 @@ def official_layout(do_classfier, is_empty_img):
 def test_unet_matches_official(case, tiny, reference_dir):
     model, state, forward = tiny
     d = np.load(reference_dir / case["file"])
-    fps = d["fps"]
-    if fps.ndim == 0 and fps.dtype.kind == "f":
-        fps = np.trunc(fps)  # a Python float reaches the official model as int64
-    latents = jnp.asarray(ncfhw_to_bfhwc(d["encoder_hidden_states"]))
-    layout = (official_layout(int(d["do_classfier"]), bool(d["is_empty_img"])), int(d["g"]))
-    out = forward(state, jnp.asarray(ncfhw_to_bfhwc(d["sample"])), jnp.asarray(d["timestep"]), jnp.asarray(fps),
-                  latents, jnp.zeros_like(latents), rows=layout)
-    diff = np.abs(np.moveaxis(np.asarray(out), -1, 1) - d["output"]).max()
+    diff = np.abs(official_case_output(forward, state, d) - d["output"]).max()
     print(f"{case['name']}: max abs diff {diff:.3g}")
     assert diff <= TOL
 
+    fps = official_fps(d)
     n = d["sample"].shape[0]
     cfg = model.config
     emb = lambda v, period: sinusoidal_embedding(np.broadcast_to(v, (n,)), cfg.block_out_channels[0],

@@ -34,10 +34,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------- chunked
 
-# Float32 scores per block (batch x heads x queries x keys x 4 bytes), and keys per block. Measured on the
-# UNet's shapes with bench/attention.py (BENCHMARKS.md).
-CHUNK_BYTES = 32 << 20
-CHUNK_KEYS = 4096
+# Float32 scores per block (batch x heads x queries x keys x 4 bytes), and keys per block: the fastest of a
+# sweep at the UNet's shapes on a 2-core CPU (bench/attention.py, BENCHMARKS.md). Blocks of 4-8 MiB beat
+# larger ones (32-128 MiB) by ~2x, and streaming keys in blocks of 256-512 beats one pass over all of them.
+CHUNK_BYTES = 8 << 20
+CHUNK_KEYS = 512
 
 
 def _block(n: int, cap: int, align: int = 1) -> int:
@@ -81,15 +82,17 @@ def _online_softmax(q: jax.Array, k: jax.Array, v: jax.Array, kv_block: int, kv_
     return (acc / l[..., None]).astype(q.dtype).transpose(0, 2, 1, 3)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_bytes: int = CHUNK_BYTES,
-                      kv_block: int = CHUNK_KEYS) -> jax.Array:
-    """Attention without the full score matrix: at most `block_bytes` of float32 scores live at once.
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_bytes: int | None = None,
+                      kv_block: int | None = None) -> jax.Array:
+    """Attention without the full score matrix: at most `block_bytes` (CHUNK_BYTES) of float32 scores live
+    at once.
 
     Blocks of (batch rows, queries) run one after the other (lax.map); each is the `xla` computation when all
     keys fit in one block, else an online softmax over blocks of `kv_block` keys. Each block is
     rematerialised in the backward pass, so training does not store the scores either. Inputs small enough
     for one block go straight to `xla`.
     """
+    block_bytes, kv_block = block_bytes or CHUNK_BYTES, kv_block or CHUNK_KEYS
     b, tq, h, _ = q.shape
     tk = k.shape[1]
     bk = _block(tk, kv_block)
@@ -228,7 +231,8 @@ KERNELS: dict[str, AttentionKernel] = {
                              "cuDNN flash attention; bfloat16/float16 and head widths cuDNN takes, else xla"),
 }
 
-# 'auto' per platform. CPU: see bench/attention.py and BENCHMARKS.md.
+# 'auto' per platform. CPU: `chunked` is 1.5-4.7x faster than `xla` at the UNet's shapes and holds 8-21 MiB of
+# temporaries where `xla` holds up to 3 GiB per sample row (bench/attention.py, BENCHMARKS.md).
 AUTO = {"cpu": "chunked", "gpu": "cudnn", "tpu": "splash"}
 
 NAMES = ("auto", *KERNELS)
