@@ -1,7 +1,10 @@
 """The attention-kernel registry: names and resolution, and every kernel against the `xla` reference."""
 
 import functools
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 from flax import nnx
 
 import test_unet
+from conftest import REPO
 from m3ddm_jax.models import attention
 from m3ddm_jax.models.layers import Attention
 from m3ddm_jax.models.unet3d import UNet3DConfig
@@ -96,6 +100,18 @@ def test_chunked_matches_xla(case):
     got = jax.jit(functools.partial(attention.chunked_attention, block_bytes=block_bytes, kv_block=kv_block))(q, k, v)
     want = attention.xla_attention(q, k, v)
     assert max_diff(got, want) <= (F32_TOL if dtype == jnp.float32 else bf16_tol(want))
+
+
+def test_attention_bench_runs(tmp_path):
+    """bench/attention.py (BENCHMARKS.md's figures) at its smallest case, with chunked forced to stream."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, str(REPO / "bench" / "attention.py"), "--cases", "temporal_l2", "--iters", "1",
+           "--kernels", "xla", "chunked:64K:8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"].values()
+    assert row["chunked:64K:8"]["max_abs_diff_vs_xla"] <= F32_TOL
+    assert row["chunked:64K:8"]["temp_mib"] < row["xla"]["temp_mib"]
 
 
 def test_chunked_gradients_match_xla():
