@@ -126,6 +126,8 @@ LANES = 128  # TPU vector lane width: splash tiles sequences and its layout pads
 # over 16 frames), and the T^2 scores per head are no larger than q, k and v (3 T head_dim): there is no
 # traffic to save, so such calls (temporal attention; the 8x8 and 4x4 spatial levels) run `xla`.
 SPLASH_MIN_LEN = LANES
+# Tile caps (each tile is the multiple of 128 under its cap that pads least). Not tuned: no TPU was at hand;
+# a 512 x 512 compute tile of float32 scores is 1 MiB of VMEM.
 SPLASH_BLOCK_Q = 512
 SPLASH_BLOCK_KV = 1024
 SPLASH_BLOCK_KV_COMPUTE = 512
@@ -214,6 +216,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKernel:
+    """A registry entry: fn(q, k, v) -> out on (B, T, heads, head_dim) arrays, and what to know about it."""
     fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     platforms: tuple[str, ...]  # where it runs as itself (jax.default_backend() names)
     fallback: str | None  # what runs elsewhere and for inputs it does not support
@@ -231,8 +234,9 @@ KERNELS: dict[str, AttentionKernel] = {
                              "cuDNN flash attention; bfloat16/float16 and head widths cuDNN takes, else xla"),
 }
 
-# 'auto' per platform. CPU: `chunked` is 1.5-4.7x faster than `xla` at the UNet's shapes and holds 8-21 MiB of
-# temporaries where `xla` holds up to 3 GiB per sample row (bench/attention.py, BENCHMARKS.md).
+# 'auto' per platform. CPU: where the UNet's calls need more than one block, `chunked` is 1.3-3.7x faster than
+# `xla` and plans 16-21 MiB of temporaries where `xla` plans up to 3 GiB per sample row; the other calls are
+# the same program (bench/attention.py, BENCHMARKS.md).
 AUTO = {"cpu": "chunked", "gpu": "cudnn", "tpu": "splash"}
 
 NAMES = ("auto", *KERNELS)
