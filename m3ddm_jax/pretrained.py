@@ -74,22 +74,31 @@ def save_model(folder: str, model: nnx.Module, config) -> None:
                       json.dumps({"_class_name": name, **dataclasses.asdict(config)}, indent=2))
 
 
-def load_model(folder: str, **overrides: Any) -> nnx.Module:
-    """Loads a model folder written by `save_model`. `overrides` replace config fields (e.g. dtype)."""
-    from safetensors import safe_open
+def _require(path: str, folder: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a converted model folder "
+                                f"(write one with tools/convert_checkpoint.py)")
 
-    config_path, params_path = os.path.join(folder, CONFIG_FILE), os.path.join(folder, PARAMS_FILE)
-    for path in (config_path, params_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: {folder} is not a converted model folder "
-                                    f"(write one with tools/convert_checkpoint.py)")
+
+def read_config(folder: str, **overrides: Any):
+    """The model config of a folder written by `save_model` (its config.json only; no weights are read)."""
+    config_path = os.path.join(folder, CONFIG_FILE)
+    _require(config_path, folder)
     with open(config_path) as f:
         fields = json.load(f)
     name = fields.pop("_class_name", None)
     if name not in MODEL_CLASSES:
         raise ValueError(f"{config_path}: unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    config = dataclasses.replace(MODEL_CLASSES[name][1](**fields), **overrides)
-    model = abstract_model(config)
+    return dataclasses.replace(MODEL_CLASSES[name][1](**fields), **overrides)
+
+
+def load_model(folder: str, **overrides: Any) -> nnx.Module:
+    """Loads a model folder written by `save_model`. `overrides` replace config fields (e.g. dtype)."""
+    from safetensors import safe_open
+
+    params_path = os.path.join(folder, PARAMS_FILE)
+    _require(params_path, folder)
+    model = abstract_model(read_config(folder, **overrides))
     graphdef, abstract = nnx.split(model)
     flat = nnx.to_flat_state(abstract)
     with safe_open(params_path, framework="numpy") as f:

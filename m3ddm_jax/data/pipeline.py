@@ -42,6 +42,7 @@ from m3ddm_jax.data.decode import SEEK_GAP, VideoError
 from m3ddm_jax.data.latent_cache import LatentCacheSource
 from m3ddm_jax.data.masks import MaskConfig, global_in_clip, sample_masks
 from m3ddm_jax.data.sources import ConcatSource, VideoFolderSource, shard_indices
+from m3ddm_jax.video.canvas import LATENT_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,27 @@ class CachedExamples:
 def _masks(config: MaskConfig, rng, example, size) -> dict[str, np.ndarray]:
     return sample_masks(config, rng, height=size[0], width=size[1], num_frames=len(example["frame_indices"]),
                         in_clip=global_in_clip(example["global_indices"], example["frame_indices"]))
+
+
+def batch_spec(config: DataConfig | Mapping[str, Any], *, latent_channels: int = 4,
+               latent_factor: int = LATENT_FACTOR) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every key of a batch of `config.batch_size` examples: the batch contract above, in
+    code (what ahead-of-time compilation feeds the train step). A latent cache's latents are
+    (H / latent_factor, W / latent_factor, latent_channels), as the codec that wrote it makes them."""
+    config = DataConfig.create(config)
+    b, clip = config.batch_size, config.clip
+    f, g, (h, w) = clip.num_frames, clip.num_global_frames, clip.size
+    spec = {"fps": ((b,), np.float32), "frame_indices": ((b, f), np.int32), "global_indices": ((b, g), np.int32),
+            "mask": ((b, h, w), np.uint8), "latent_mask": ((b, h // LATENT_FACTOR, w // LATENT_FACTOR), np.uint8),
+            "given": ((b, f), np.bool_), "global_masked": ((b, g), np.bool_), "drop_local": ((b,), np.bool_),
+            "drop_global": ((b,), np.bool_), "index": ((b,), np.int64), "skipped": ((b,), np.int32)}
+    if config.latent_cache:
+        hw = (h // latent_factor, w // latent_factor, latent_channels)
+        for key, n in (("latent", f), ("global_latent", g)):
+            spec[f"{key}_mean"] = spec[f"{key}_std"] = ((b, n, *hw), np.float32)
+    else:
+        spec["frames"], spec["global_frames"] = ((b, f, h, w, 3), np.uint8), ((b, g, h, w, 3), np.uint8)
+    return {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
 
 
 def make_dataset(config: DataConfig | Mapping[str, Any], *, seed: int, shard_index: int = 0,
