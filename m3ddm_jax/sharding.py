@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -53,7 +54,8 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over all (global) devices with axes ('data', 'fsdp', 'tensor'). One size may be -1: it takes the
-    remaining devices. Axes are Auto (the compiler propagates shardings), not Explicit."""
+    remaining devices. Axes are Auto (the compiler propagates shardings), not Explicit. Devices of several
+    TPU slices (multi-slice) put the data axis over the slices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {axis: int((shape or {}).get(axis, 1)) for axis in MESH_AXES}
     unknown = set(shape or {}) - set(MESH_AXES)
@@ -68,8 +70,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
         sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are present")
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+    # Multi-slice: only the data axis crosses slices (over the slower data-center network); FSDP and tensor
+    # collectives stay on each slice's interconnect.
+    if sizes["data"] % slices:
+        raise ValueError(f"mesh {sizes} on {slices} slices: the data axis spans the slices, so mesh.data must be a "
+                         f"multiple of {slices}")
+    ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _mesh_axes(name: str | None, rules: Mapping) -> tuple[str, ...]:
@@ -121,3 +133,19 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence = DEFAULT_RULES) -> Na
     axes = batch_axes(mesh, rules)
     lead = axes if len(axes) > 1 else (axes[0] if axes else None)
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+class MeshBound:
+    """A jitted function that is traced (at a call that compiles, or at `lower`) under `jax.set_mesh(mesh)`:
+    kernels XLA cannot partition (Pallas splash attention) then run per shard over that mesh."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
