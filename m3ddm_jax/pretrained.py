@@ -60,6 +60,15 @@ def abstract_model(config) -> nnx.Module:
     raise TypeError(f"no model class for config {type(config).__name__}")
 
 
+def reconfigure(model: nnx.Module, **fields: Any) -> nnx.Module:
+    """`model` with config fields that leave its parameters as they are (dtype, attention kernel, remat)
+    replaced: a new module over the same arrays (`model` itself when nothing changes)."""
+    config = dataclasses.replace(model.config, **fields)
+    if config == model.config:
+        return model
+    return nnx.merge(nnx.graphdef(abstract_model(config)), nnx.state(model))
+
+
 def save_model(folder: str, model: nnx.Module, config) -> None:
     """Writes config.json and flax_params.safetensors into `folder` (each file atomically)."""
     from safetensors.numpy import save_file
@@ -70,6 +79,13 @@ def save_model(folder: str, model: nnx.Module, config) -> None:
                for p, v in nnx.to_flat_state(nnx.state(model))}
     with fileio.atomic_path(os.path.join(folder, PARAMS_FILE)) as tmp:
         save_file(tensors, tmp, metadata={"format": "m3ddm_jax", "model": name})
+    save_config(folder, config)
+
+
+def save_config(folder: str, config) -> None:
+    """Writes `folder`/config.json (atomically): what `read_config` reads."""
+    name = next(n for n, (_, config_cls) in MODEL_CLASSES.items() if isinstance(config, config_cls))
+    os.makedirs(folder, exist_ok=True)
     fileio.write_text(os.path.join(folder, CONFIG_FILE),
                       json.dumps({"_class_name": name, **dataclasses.asdict(config)}, indent=2))
 
@@ -114,11 +130,16 @@ def load_model(folder: str, **overrides: Any) -> nnx.Module:
 
 
 def save_weights(folder: str, *, unet: UNet3D | None = None, vae: LatentCodec | None = None,
-                 scheduler_config: dict | None = None, report: dict | None = None, overwrite: bool = False) -> None:
-    """Writes a complete weights folder; it appears under its name only once every file is written."""
+                 scheduler_config: dict | None = None, report: dict | None = None, overwrite: bool = False,
+                 unet_config: UNet3DConfig | None = None) -> None:
+    """Writes a complete weights folder; it appears under its name only once every file is written.
+    `unet_config` instead of `unet` writes the UNet's config alone (a training run's model folder, whose
+    parameters live in its checkpoints)."""
     with fileio.atomic_dir(folder, overwrite=overwrite) as tmp:
         if unet is not None:
             save_model(os.path.join(tmp, UNET), unet, unet.config)
+        elif unet_config is not None:
+            save_config(os.path.join(tmp, UNET), unet_config)
         if vae is not None:
             save_model(os.path.join(tmp, VAE), vae, vae.config)
         os.makedirs(os.path.join(tmp, SCHEDULER))

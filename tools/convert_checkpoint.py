@@ -3,6 +3,7 @@
     python tools/convert_checkpoint.py m3ddm --src DIR --dst OUT [--vae SD_VAE_DIR]
     python tools/convert_checkpoint.py sd --src SD_DIR_OR_FILE --dst SD_OUT [--unet-config F --vae-config F]
     python tools/convert_checkpoint.py inflate --src SD_OUT --dst M3DDM_INIT [--config F] [--seed N]
+    python tools/convert_checkpoint.py export --src RUN_DIR --dst OUT [--step N] [--params ema|raw]
 
 `m3ddm`: the authors' released UNet (a folder with config.json and diffusion_pytorch_model.{safetensors,bin},
 or a weights file with --config), plus the Stable Diffusion VAE (a diffusers vae/ folder, or a weights
@@ -15,6 +16,11 @@ UNet (the 3D UNet's 2D mode), the VAE and the scheduler config.
 `inflate`: an `sd` folder -> the initial M3DDM UNet (see m3ddm_jax/convert/inflate.py), with the same VAE
 and scheduler. --config is a JSON file of UNet3DConfig fields that override the inflated config.
 conversion.json in the output folder reports how every tensor started.
+
+`export`: a training run (the --workdir of `python -m m3ddm_jax.train`) -> OUT with the trained UNet (EMA
+parameters by default, of the newest complete checkpoint by default), the latent space the run trained in
+(the SD VAE, or the demo's pixel space) and its noise schedule; see m3ddm_jax/training/export.py. Any mesh or
+number of processes may have written the checkpoint; export reads it on one CPU host.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from m3ddm_jax.convert import inflate, m3ddm, sd  # noqa: E402
 from m3ddm_jax.convert.sources import find_weights, open_state_dict  # noqa: E402
 from m3ddm_jax.convert.vae import load_vae_folder, vae_from_torch  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
+from m3ddm_jax.training import export  # noqa: E402
 
 
 def _count(model) -> int:
@@ -116,6 +123,14 @@ def convert_inflate(args) -> dict:
     return report
 
 
+def run_export(args) -> dict:
+    t0 = time.time()
+    report = export.export(args.src, args.dst, step=args.step, params=args.params, overwrite=args.overwrite)
+    print(f"wrote {args.dst} in {time.time() - t0:.1f} s: step {report['step']} ({args.params} parameters, "
+          f"{report['unet_values']:,} values), latent space {report['latent_space']}")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -145,6 +160,15 @@ def main(argv=None) -> int:
     p.add_argument("--dst", required=True, help="output weights folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     p.set_defaults(run=convert_inflate)
+
+    p = sub.add_parser("export", help="a training run's checkpoint -> a weights folder")
+    p.add_argument("--src", required=True, help="the run folder (the --workdir of python -m m3ddm_jax.train)")
+    p.add_argument("--step", type=int, help="the checkpoint step (default: the newest complete one)")
+    p.add_argument("--params", choices=sorted(export.PARAMS), default="ema",
+                   help="the EMA parameters (default) or the raw ones")
+    p.add_argument("--dst", required=True, help="output weights folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.set_defaults(run=run_export)
     args = parser.parse_args(argv)
     try:
         args.run(args)
