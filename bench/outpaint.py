@@ -14,7 +14,6 @@ gathering window inputs, compositing).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -27,6 +26,7 @@ from m3ddm_jax.models.layers import random_init  # noqa: E402
 from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
 from m3ddm_jax.sampling import Outpainter  # noqa: E402
+from m3ddm_jax.sampling.settings import SamplerSettings  # noqa: E402
 from m3ddm_jax.video import read_video  # noqa: E402
 from report import report  # noqa: E402
 
@@ -44,10 +44,10 @@ PRESETS = {
 def models(args):
     """(unet, vae, scheduler config): a converted folder, or random parameters of a preset's shapes."""
     if args.weights:
-        w = pretrained.load_weights(args.weights, dtype=args.dtype)
+        w = pretrained.load_weights(args.weights)
         return w.unet, w.vae, w.scheduler_config
     unet_config, vae_config = PRESETS[args.preset]
-    unet = random_init(pretrained.abstract_model(dataclasses.replace(unet_config, dtype=args.dtype)))
+    unet = random_init(pretrained.abstract_model(unet_config))
     return unet, random_init(pretrained.abstract_model(vae_config)), pretrained.SD15_SCHEDULER_CONFIG
 
 
@@ -80,12 +80,13 @@ def main(argv=None) -> dict:
               "frames": n, "source_hw": list(video.frames.shape[1:3]), "ratio": args.ratio, "mode": args.mode,
               "global_size": args.global_size, "steps": args.steps, "runs": {}}
     loops = args.loops.split(",")
-    outpainters = {loop: Outpainter(unet, vae, scheduler_config, steps=args.steps, loop=loop,
-                                    max_windows_per_call=args.windows_per_call) for loop in loops}
+    settings = SamplerSettings(steps=args.steps, canvas_mode=args.mode, canvas_size=args.canvas_size,
+                               global_size=(args.global_size,) * 2, dtype=args.dtype,
+                               windows_per_call=args.windows_per_call or 0)
+    outpainters = {loop: Outpainter(unet, vae, scheduler_config, settings, loop=loop) for loop in loops}
 
     def run(loop):
-        return outpainters[loop].outpaint(video.frames, video.fps, args.ratio, mode=args.mode,
-                                          canvas_long_side=args.canvas_size, global_hw=(args.global_size,) * 2)
+        return outpainters[loop].outpaint(video.frames, video.fps, args.ratio)
 
     first = {loop: run(loop) for loop in loops}
     # Steady state: the loops alternate, so that load from other jobs on a shared host hits both alike.

@@ -1,9 +1,12 @@
 """The embedded default: a tiny M3DDM trained on CPU in minutes on the bundled clips (assets/videos).
 
 No downloaded weights: the latent space is the weight-free pixel space (space-to-depth by 2), and the UNet
-starts from random initialisation. The run ends by writing sample outpaintings of held-out clips.
+starts from random initialisation. The run ends by writing sample outpaintings of held-out clips. Then:
 
     python -m m3ddm_jax.train --config configs/demo.py
+    python tools/convert_checkpoint.py export --src workdir/demo --dst out/demo_model
+    python -m m3ddm_jax.outpaint VIDEO.mp4 --ratio 9:16 --output OUT.mp4 --weights out/demo_model \
+        --mode native --canvas-size 32 --global-size 32x32 --steps 25
 """
 
 import os
@@ -11,6 +14,7 @@ import os
 import ml_collections
 
 from m3ddm_jax.pretrained import SD15_SCHEDULER_CONFIG
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.sharding import DEFAULT_RULES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.compute_dtype = "float32"
     c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"  # skip (count and go on) | halt
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"  # persistent XLA cache; "" disables
 
@@ -61,13 +66,16 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.optim.total_steps = c.get_ref("total_steps")
 
-    # Held-out clip (not in the training manifest), outpainted to 9:16 with the EMA weights at the end.
+    # What to sample and when: a held-out clip (not in the training manifest), outpainted to 9:16 with the
+    # EMA weights at the end of training; how: the sampler settings below.
     c.sample = ml_collections.ConfigDict({
         "every": 0,  # also every N steps; 0: only when training ends
-        "videos": (os.path.join(REPO, "assets", "videos", "stream_of_water.mp4"),),
-        "max_frames": 32, "ratio": "9:16", "steps": 25, "guidance_scale": 2.0, "global_guidance_scale": 4.0,
-        "seed": 0, "canvas_long_side": 32, "global_hw": (32, 32), "grid_columns": 8,
+        "videos": (os.path.join(REPO, "assets", "videos", "stream_of_water.mp4"),),  # () skips sampling
+        "max_frames": 32, "ratio": "9:16", "grid_columns": 8,
     })
+    # The sampler settings of every outpainting (m3ddm_jax/sampling/settings.py: the official values but these).
+    c.sampler = ml_collections.ConfigDict(SamplerSettings(
+        steps=25, canvas_mode="native", canvas_size=32, global_size=(32, 32)).to_dict())
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = DEFAULT_RULES

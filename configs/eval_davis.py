@@ -11,6 +11,8 @@ To score another method instead: --config.weights='' --config.predictions=DIR (D
 
 import ml_collections
 
+from m3ddm_jax.sampling.settings import SamplerSettings
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -24,13 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.frame_size = (256, 256)
     c.max_frames = 0  # 0: every frame
     c.fps = 24.0  # frame rate of frame folders (the model's fps condition); video files carry their own
-    c.seed = 0
     c.save_outputs = False  # also write the generated frames as PNGs under output_dir/outputs/<ratio>/<video>
-    c.sampler = ml_collections.ConfigDict({
-        "steps": 50, "scheduler": "pndm", "guidance_scale": 2.0, "global_guidance_scale": 4.0,
-        "canvas_mode": "native", "canvas_size": 256, "global_size": (256, 256), "dtype": "auto",
-        "windows_per_call": 0,  # 0: the Outpainter's default (4 per local device)
-    })
+    # The official sampler settings on the native canvas (m3ddm_jax/sampling/settings.py).
+    c.sampler = ml_collections.ConfigDict(SamplerSettings(canvas_mode="native").to_dict())
     c.metrics = ml_collections.ConfigDict({
         "lpips_lin": "",  # the lpips package's weights/v0.1/alex.pth; empty: LPIPS skipped
         "alexnet": "",  # torchvision's AlexNet state dict (alexnet-owt-7be5be79.pth)

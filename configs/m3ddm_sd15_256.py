@@ -8,7 +8,11 @@ Prepare the initial weights and the VAE once (see README):
 then, on every host of the job:
 
     python -m m3ddm_jax.train --config configs/m3ddm_sd15_256.py --config.data.root=/data/videos \\
-        --workdir gs://bucket/runs/m3ddm   # or a local folder
+        --workdir runs/m3ddm   # a folder every host sees
+
+and turn any checkpoint of the run into a weights folder (EMA parameters, newest complete step):
+
+    python tools/convert_checkpoint.py export --src runs/m3ddm --dst weights/m3ddm_mine
 
 Defaults shard the 1.3B parameters, their AdamW moments and the EMA over all devices (FSDP, ZeRO-3 style)
 and split the batch over the same devices; set mesh.data > 1 for hybrid data x FSDP on many hosts.
@@ -17,6 +21,7 @@ and split the batch over the same devices; set mesh.data > 1 for hybrid data x F
 import ml_collections
 
 from m3ddm_jax.pretrained import SD15_SCHEDULER_CONFIG
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.sharding import DEFAULT_RULES
 
 
@@ -30,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.compute_dtype = "bfloat16"
     c.remat = "dots"
+    c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"
 
@@ -54,6 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
         "eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0, "ema_decay": 0.9999,
     })
     c.optim.total_steps = c.get_ref("total_steps")
+
+    # Held-out clips, e.g. --config.sample.videos="('clip1.mp4', 'clip2.mp4')", outpainted with the EMA weights
+    # every `every` steps and at the end; none: no sampling.
+    c.sample = ml_collections.ConfigDict({
+        "every": 5_000, "videos": (), "max_frames": 64, "ratio": "9:16", "grid_columns": 8,
+    })
+    c.sampler = ml_collections.ConfigDict(SamplerSettings().to_dict())  # the official pipeline's settings
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.logical_axis_rules = DEFAULT_RULES

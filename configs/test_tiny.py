@@ -21,5 +21,6 @@ def get_config():
     c.data.clip.num_global_frames = 2
     c.data.clip.size = (16, 16)
     c.sample.videos = ()  # tests that want samples set them
-    c.sample.update({"max_frames": 4, "steps": 2, "canvas_long_side": 16, "global_hw": (16, 16)})
+    c.sample.max_frames = 4
+    c.sampler.update({"steps": 2, "canvas_size": 16, "global_size": (16, 16)})
     return c

@@ -10,7 +10,8 @@ Protocol (horizontal outpainting, as in the paper's DAVIS / YouTube-VOS tables):
   split equally into a left and a right band of b = round(r * W / 2) pixels each (2b ~ r W within a pixel).
   The known region is the centre W - 2b columns of the ground truth; the masked input is the ground truth
   with both bands blacked out, at the original frame size.
-* Generation (`weights`: a converted weights folder): the Outpainter only extends to an aspect ratio, so it
+* Generation (`weights`: a weights folder, converted or exported from a training run; `sampler`: the sampler
+  settings, m3ddm_jax/sampling/settings.py): the Outpainter only extends to an aspect ratio, so it
   gets the known centre crop (H, W - 2b) and the target ratio W:H. With canvas_mode='native' the output is
   H x W with the known pixels pasted back unchanged at their place, which is the masked-input task: where
   the canvas equals the frame size (e.g. 256x256 at canvas_size=256) its condition is exactly the
@@ -64,12 +65,11 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from m3ddm_jax import fileio, metrics, sharding
+from m3ddm_jax import configlib, fileio, metrics, sharding
 from m3ddm_jax.outpaint import check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file (get_config())", lock_config=True)
 
 log = logging.getLogger("m3ddm_jax.evaluate")
 
@@ -227,11 +227,10 @@ def _chunked(fn, pred: np.ndarray, target: np.ndarray, *, batch: int) -> dict[st
 # ----------------------------------------------------------------------------------------------- results
 
 
-def settings_of(cfg) -> dict:
+def settings_of(cfg, sampler: SamplerSettings) -> dict:
     """What a cached per-video result depends on: a cached file with other settings is recomputed."""
-    s = cfg.sampler
     source = ({"predictions": cfg.predictions} if cfg.predictions else
-              {"weights": cfg.weights, "seed": cfg.seed, "fps_of_frame_folders": cfg.fps, **s.to_dict()})
+              {"weights": cfg.weights, "fps_of_frame_folders": cfg.fps, **sampler.to_dict()})
     settings = {"videos": cfg.videos, "frame_size": list(cfg.frame_size), "max_frames": cfg.max_frames,
                 "lpips": [cfg.metrics.lpips_lin, cfg.metrics.alexnet], "i3d": cfg.metrics.i3d, **source}
     return json.loads(json.dumps(settings))
@@ -311,8 +310,15 @@ def markdown(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------ runner
 
 
-def check_config(cfg) -> None:
-    """Fails fast, before any video or model is read, on settings that cannot work."""
+REQUIRED_KEYS = ("videos", "output_dir", "weights", "predictions", "mask_ratios", "frame_size", "max_frames", "fps",
+                 "save_outputs", "sampler", "metrics.lpips_lin", "metrics.alexnet", "metrics.i3d", "metrics.batch")
+
+
+def check_config(cfg) -> SamplerSettings:
+    """Fails fast, before any video or model is read, on a config that cannot work; returns its sampler
+    settings."""
+    configlib.require(cfg, REQUIRED_KEYS, "configs/eval_davis.py")
+    settings = SamplerSettings.from_config(cfg.sampler)
     if bool(cfg.weights) == bool(cfg.predictions):
         raise ValueError("set exactly one of --config.weights=DIR (outpaint with a converted checkpoint) and "
                          "--config.predictions=DIR (score results of another method)")
@@ -338,14 +344,15 @@ def check_config(cfg) -> None:
         if missing:
             raise FileNotFoundError(f"predictions folder {cfg.predictions} has no sub-folder {', '.join(missing)}; it "
                                     f"should hold one sub-folder of results per mask ratio ({', '.join(keys)})")
+    return settings
 
 
 class _Generator:
     """Produces the result frames of one video at one ratio: the Outpainter (loaded on first use, so a
     fully cached run loads no model) or the predictions folder."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, settings: SamplerSettings):
+        self.cfg, self.settings = cfg, settings
         self._outpainter = None
         self._predictions = {}
 
@@ -354,18 +361,15 @@ class _Generator:
         cfg = self.cfg
         if cfg.predictions:
             return self._prediction(name, ratio, frames.shape)
-        s = cfg.sampler
         if self._outpainter is None:
-            self._outpainter = Outpainter.from_folder(
-                cfg.weights, dtype=s.dtype, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                global_guidance_scale=s.global_guidance_scale, max_windows_per_call=s.windows_per_call or None)
+            self._outpainter = Outpainter.from_folder(cfg.weights, self.settings)
         h, w = frames.shape[1:3]
-        key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(name.encode()))
-        out = self._outpainter.outpaint(frames[:, :, band:w - band], fps, Fraction(w, h), mode=s.canvas_mode, key=key,
-                                        canvas_long_side=s.canvas_size, global_hw=tuple(s.global_size),
+        # Each video its own draws, from the seed and its name: a result does not depend on the other videos.
+        key = jax.random.fold_in(jax.random.key(self.settings.seed), zlib.crc32(name.encode()))
+        out = self._outpainter.outpaint(frames[:, :, band:w - band], fps, Fraction(w, h), key=key,
                                         progress=progress).frames
         if out.shape != frames.shape:
-            raise ValueError(f"canvas_mode={s.canvas_mode!r} gives {out.shape[1]}x{out.shape[2]} frames for a "
+            raise ValueError(f"canvas_mode={self.settings.canvas_mode!r} gives {out.shape[1]}x{out.shape[2]} frames for a "
                              f"{h}x{w} video; use canvas_mode='native' (or 256x256 frames for 'official')")
         return out
 
@@ -415,13 +419,13 @@ def _score_video(cfg, src: Source, ratios: list[float], folder: pathlib.Path, se
 
 def evaluate(cfg) -> dict | None:
     """Runs (or resumes) the protocol; returns the results on process 0 (None on the others)."""
-    check_config(cfg)
+    sampler = check_config(cfg)
     sources = list_videos(cfg.videos)
     ratios = [float(r) for r in cfg.mask_ratios]
-    settings = settings_of(cfg)
+    settings = settings_of(cfg, sampler)
     out = pathlib.Path(cfg.output_dir)
     scorer = Scorer(cfg)
-    generate = _Generator(cfg)
+    generate = _Generator(cfg, sampler)
     share = sources[jax.process_index()::jax.process_count()]
     pending = [(src, [r for r in ratios if _cached(out / PER_VIDEO / src.name / f"{ratio_key(r)}.json",
                                                     settings) is None]) for src in share]
@@ -470,7 +474,7 @@ def main(argv) -> None:
     logging.getLogger("m3ddm_jax").setLevel(logging.INFO)
     sharding.init_distributed()
     try:
-        results = evaluate(_CONFIG.value)
+        results = evaluate(flags.FLAGS.config)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -479,5 +483,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Defined here rather than at import: absl flags are global, and train.py and infer.py define --config too.
+    config_flags.DEFINE_config_file("config", None, "evaluation config file (get_config())", lock_config=True)
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -10,9 +10,10 @@ The videos are sorted by name (the file stem); two inputs with the same name are
 would write <name>.mp4. Setup errors (config, weights, an input list that gives no video) stop before any
 work, with exit status 1.
 
-Each video is outpainted as `python -m m3ddm_jax.outpaint VIDEO --seed SEED` would with the same settings
-(every video gets the same seed, so a result depends only on its video), and written, with its audio, to
-output_dir/<name>.mp4. `max_frames` (0: all) keeps only the first frames, for quick runs.
+Each video is outpainted as `python -m m3ddm_jax.outpaint VIDEO` would with the same sampler settings
+(`config.sampler`, m3ddm_jax/sampling/settings.py; every video gets the same seed, so a result depends only
+on its video), and written, with its audio, to output_dir/<name>.mp4. `max_frames` (0: all) keeps only the
+first frames, for quick runs.
 
 Output folder:
 * <name>.mp4: written atomically, so a file under that name is always complete. A later run skips every
@@ -54,9 +55,10 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from m3ddm_jax import fileio, sharding
+from m3ddm_jax import configlib, fileio, sharding
 from m3ddm_jax.outpaint import check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video, write_video
 
 log = logging.getLogger("m3ddm_jax.infer")
@@ -120,25 +122,22 @@ def _expand(entry: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ runner
 
 
-def check_config(cfg) -> None:
-    """Fails fast, before any video or model is read, on settings that cannot work."""
+REQUIRED_KEYS = ("inputs", "output_dir", "weights", "ratio", "max_frames", "compilation_cache", "sampler")
+
+
+def check_config(cfg) -> SamplerSettings:
+    """Fails fast, before any video or model is read, on a config that cannot work; returns its sampler
+    settings."""
+    configlib.require(cfg, REQUIRED_KEYS, "configs/infer_example.py")
+    settings = SamplerSettings.from_config(cfg.sampler)
     if not cfg.output_dir:
         raise ValueError("set --config.output_dir=DIR")
     if cfg.max_frames < 0:
         raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
-    s = cfg.sampler
-    if s.steps < 1:
-        raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")
     # Ratio, canvas mode and canvas size at once, on a frame of the training size.
-    make_layout((256, 256), cfg.ratio, s.canvas_mode, canvas_long_side=s.canvas_size)
+    make_layout((256, 256), cfg.ratio, settings.canvas_mode, canvas_size=settings.canvas_size)
     check_weights_folder(cfg.weights)
-
-
-def load_outpainter(cfg) -> Outpainter:
-    s = cfg.sampler
-    return Outpainter.from_folder(cfg.weights, dtype=s.dtype, steps=s.steps, scheduler=s.scheduler,
-                                  guidance_scale=s.guidance_scale, global_guidance_scale=s.global_guidance_scale,
-                                  max_windows_per_call=s.windows_per_call or None)
+    return settings
 
 
 def output_path(cfg, item: Item) -> pathlib.Path:
@@ -151,16 +150,13 @@ def status_path(cfg, item: Item) -> pathlib.Path:
 
 def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
     """Outpaints one video and writes its mp4; returns the 'ok' status fields."""
-    s = cfg.sampler
     video = read_video(item.path, max_frames=cfg.max_frames or None)
     with tqdm(desc=item.name, unit="step", leave=False, file=sys.stderr) as steps:
         def progress(done: int, total: int) -> None:
             steps.total = total
             steps.update(done - steps.n)
 
-        result = outpainter.outpaint(video.frames, video.fps, cfg.ratio, mode=s.canvas_mode, key=cfg.seed,
-                                     canvas_long_side=s.canvas_size, global_hw=tuple(s.global_size),
-                                     progress=progress)
+        result = outpainter.outpaint(video.frames, video.fps, cfg.ratio, progress=progress)
     write_video(output_path(cfg, item), result.frames, video.fps, audio_from=video if video.has_audio else None)
     return {"frames": len(result.frames), "fps": float(video.fps), "source_size": list(video.frames.shape[1:3]),
             "output_size": list(result.frames.shape[1:3]), "timings": result.timings}
@@ -188,7 +184,7 @@ def _attempt(cfg, outpainter: Outpainter, item: Item) -> bool:
 def infer(cfg) -> dict:
     """Runs (or resumes) the batch; returns the summary of the run (process 0 also writes it)."""
     t_start = time.perf_counter()
-    check_config(cfg)
+    settings = check_config(cfg)
     items = list_inputs(cfg.inputs)
     clash = [i.path for i in items if output_path(cfg, i).resolve() == i.path.resolve()]
     if clash:
@@ -202,7 +198,7 @@ def infer(cfg) -> dict:
     log.info("%d of %d videos to outpaint on this host (%d already finished)", len(pending), len(mine),
              len(mine) - len(pending))
     if pending:
-        outpainter = load_outpainter(cfg)
+        outpainter = Outpainter.from_folder(cfg.weights, settings)
         desc = "infer" if count == 1 else f"infer (process {index}/{count})"
         with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=desc, unit="video",
                   file=sys.stderr) as bar:

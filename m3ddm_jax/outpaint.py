@@ -1,12 +1,15 @@
 """Outpaint one video to another aspect ratio.
 
     python -m m3ddm_jax.outpaint INPUT --ratio 9:16 --output OUT.mp4 --weights DIR [--seed 0] [--steps 50]
-        [--mode official|native] [--guidance 2] [--global-guidance 4] [--scheduler pndm|ddim] [--dtype auto]
+        [--mode official|native] [--canvas-size 256] [--global-size 256x256] [--guidance 2]
+        [--global-guidance 4] [--scheduler pndm|ddim] [--dtype auto] [--attention auto]
 
-DIR is a converted weights folder (tools/convert_checkpoint.py); it defaults to $M3DDM_WEIGHTS. The output
-has exactly as many frames as the input, at its frame rate, with its audio; it is written atomically.
-Modes: 'official' reproduces the official pipeline (a square canvas of at most 256 pixels, cropped to the
-ratio); 'native' generates on a canvas shaped like the ratio and keeps the source pixels at full resolution.
+DIR is a weights folder (tools/convert_checkpoint.py: a converted checkpoint or an exported training run);
+it defaults to $M3DDM_WEIGHTS. The output has exactly as many frames as the input, at its frame rate, with
+its audio; it is written atomically. Modes: 'official' reproduces the official pipeline (a square canvas of
+at most 256 pixels, cropped to the ratio); 'native' generates on a canvas shaped like the ratio and keeps the
+source pixels at full resolution. The flags are the sampler settings (m3ddm_jax/sampling/settings.py); an
+unset flag keeps the settings' default, the official value.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 from tqdm import tqdm
 
 from m3ddm_jax import pretrained
+from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
 from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.sampling.settings import CANVAS_MODES, DTYPES, SCHEDULERS, SamplerSettings
 from m3ddm_jax.video import parse_ratio, read_video, write_video
 
 WEIGHTS_ENV = "M3DDM_WEIGHTS"
@@ -30,7 +35,7 @@ REQUIRED_FILES = tuple(os.path.join(sub, name) for sub, names in (
 
 def check_weights_folder(folder: str | None) -> str:
     """Fails fast, before any model is loaded, on a missing or incomplete weights folder."""
-    convert = "convert a checkpoint with tools/convert_checkpoint.py"
+    convert = "convert a checkpoint or export a training run with tools/convert_checkpoint.py"
     if not folder:
         raise FileNotFoundError(f"no weights folder: pass --weights DIR or set ${WEIGHTS_ENV} ({convert})")
     if not os.path.isdir(folder):
@@ -42,37 +47,60 @@ def check_weights_folder(folder: str | None) -> str:
     return folder
 
 
+# flag -> SamplerSettings field; the defaults and the checks are the settings'.
+SETTINGS_FLAGS = {"seed": "seed", "steps": "steps", "mode": "canvas_mode", "canvas_size": "canvas_size",
+                  "global_size": "global_size", "guidance": "guidance_scale",
+                  "global_guidance": "global_guidance_scale", "scheduler": "scheduler", "dtype": "dtype",
+                  "attention": "attention", "windows_per_call": "windows_per_call",
+                  "exact_branches": "exact_branches"}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size HEIGHTxWIDTH (e.g. 256x256)") from None
+    return h, w
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    d = SamplerSettings()
     p = argparse.ArgumentParser(prog="python -m m3ddm_jax.outpaint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="the video to outpaint (any format FFmpeg reads)")
     p.add_argument("--ratio", required=True, help="target aspect ratio, width:height (9:16), 9/16 or 0.5625")
     p.add_argument("--output", required=True, help="the mp4 to write (H.264, with the input's audio)")
     p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=f"weights folder (default ${WEIGHTS_ENV})")
-    p.add_argument("--seed", type=int, default=0, help="seeds every random draw (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per window (default 50, as officially)")
-    p.add_argument("--mode", choices=("official", "native"), default="official",
-                   help="canvas mode (default official)")
-    p.add_argument("--canvas-size", type=int, default=256,
-                   help="native mode: the canvas's long side in pixels, a multiple of 64 (default 256)")
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="guidance scale of the masked-frame condition (official guidance_scale, default 2)")
-    p.add_argument("--global-guidance", type=float, default=4.0,
-                   help="guidance scale of the global-frame condition (official previous_guidance_scale, default 4); "
-                        "<= 1 gives 2-way guidance")
-    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
-                   help="sampler (default pndm, as officially)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="UNet compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--windows-per-call", type=int, default=None,
-                   help="most windows per sampler call (default 4 per device)")
-    p.add_argument("--exact-branches", action="store_true",
+    p.add_argument("--seed", type=int, help=f"seeds every random draw (default {d.seed})")
+    p.add_argument("--steps", type=int, help=f"denoising steps per window (default {d.steps}, as officially)")
+    p.add_argument("--mode", choices=CANVAS_MODES, help=f"canvas mode (default {d.canvas_mode})")
+    p.add_argument("--canvas-size", type=int, help="native mode: the canvas's long side in pixels, a multiple of "
+                                                   f"64 (default {d.canvas_size})")
+    p.add_argument("--global-size", type=_size, help="HEIGHTxWIDTH the global frames are resized to (default "
+                                                     f"{d.global_size[0]}x{d.global_size[1]}, as officially)")
+    p.add_argument("--guidance", type=float, help="guidance scale of the masked-frame condition (official "
+                                                  f"guidance_scale, default {d.guidance_scale:g})")
+    p.add_argument("--global-guidance", type=float,
+                   help="guidance scale of the global-frame condition (official previous_guidance_scale, default "
+                        f"{d.global_guidance_scale:g}); <= 1 gives 2-way guidance")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help=f"sampler (default {d.scheduler}, as officially)")
+    p.add_argument("--dtype", choices=DTYPES, help="UNet compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU "
+                                                   f"(default {d.dtype})")
+    p.add_argument("--attention", choices=ATTENTION_NAMES, help=f"attention kernel (default {d.attention})")
+    p.add_argument("--windows-per-call", type=int, help="most windows per sampler call (default 4 per device)")
+    p.add_argument("--exact-branches", action="store_true", default=None,
                    help="evaluate the 4th guidance branch the official code computes and discards (same result)")
     return p.parse_args(argv)
 
 
+def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
+    return SamplerSettings(**{field: getattr(args, flag) for flag, field in SETTINGS_FLAGS.items()
+                              if getattr(args, flag) is not None})
+
+
 def run(args: argparse.Namespace) -> None:
     # Cheap checks first: a bad argument should not cost a model load or a video decode.
+    settings = settings_from_args(args)
     parse_ratio(args.ratio)
     weights = check_weights_folder(args.weights)
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -80,20 +108,16 @@ def run(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"output folder {out_dir} does not exist")
     video = read_video(args.input)
     try:
-        make_layout(video.frames.shape[1:3], args.ratio, args.mode, canvas_long_side=args.canvas_size)
+        make_layout(video.frames.shape[1:3], args.ratio, settings.canvas_mode, canvas_size=settings.canvas_size)
     except ValueError as err:
         raise ValueError(f"{args.input}: {err}") from err
-    outpainter = Outpainter.from_folder(weights, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
-                                        guidance_scale=args.guidance, global_guidance_scale=args.global_guidance,
-                                        exact_branches=args.exact_branches,
-                                        max_windows_per_call=args.windows_per_call)
+    outpainter = Outpainter.from_folder(weights, settings)
     with tqdm(desc=os.path.basename(args.input), unit="step", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        result = outpainter.outpaint(video.frames, video.fps, args.ratio, mode=args.mode, key=args.seed,
-                                     canvas_long_side=args.canvas_size, progress=progress)
+        result = outpainter.outpaint(video.frames, video.fps, args.ratio, progress=progress)
     write_video(args.output, result.frames, video.fps, audio_from=video if video.has_audio else None)
     n, h, w = result.frames.shape[:3]
     t = result.timings

@@ -4,6 +4,13 @@ clips (grain) -> masks + CFG dropout -> latents -> DDPM noise -> 3D UNet -> epsi
 step -> EMA -> orbax checkpoint. Resumes from the newest complete checkpoint in the workdir, data position
 included. Multi-host: set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or the flags); each
 process feeds its own data shard and one checkpoint is written.
+
+The config is checked before any work (`check_config`): a missing section or key, a missing weights folder
+or held-out clip, bad sampler settings stop the run at start-up with a message naming them. The workdir
+gets model/ (the UNet's config, the latent space, the noise schedule) when a run starts, so that
+`tools/convert_checkpoint.py export --src WORKDIR --dst OUT` can turn any checkpoint into a weights folder.
+In-training samples (`config.sample`: which clips, when) use the EMA parameters and the config's sampler
+settings (`config.sampler`, as outpaint / infer / evaluate read them).
 """
 
 from __future__ import annotations
@@ -11,54 +18,106 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
-from m3ddm_jax import sharding
+from m3ddm_jax import configlib, pretrained, sharding
 from m3ddm_jax.data.pipeline import make_dataset
-from m3ddm_jax.sampling.pipeline import Outpainter
-from m3ddm_jax.training import checkpoint, samples
+from m3ddm_jax.models.pixel_space import PixelSpaceConfig
+from m3ddm_jax.models.unet3d import UNet3DConfig
+from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.sampling.settings import SamplerSettings
+from m3ddm_jax.training import checkpoint, export, samples
 from m3ddm_jax.training.metrics_log import MetricsLog
 from m3ddm_jax.training.trainer import build_trainer, data_config
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (get_config())", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, samples (default: config.workdir)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 log = logging.getLogger("m3ddm_jax.train")
 
 
-def sample(cfg, trainer, workdir: str, step: int) -> None:
+# Every key the run reads; sections read as a whole by a dataclass with defaults (data, model) are checked
+# there. `sampler` must hold exactly SamplerSettings' fields.
+REQUIRED_KEYS = (
+    "seed", "workdir", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compute_dtype", "remat",
+    "attention", "nonfinite", "compilation_cache", "latent.kind", "latent.factor", "latent.weights", "init.weights",
+    "model", "scheduler", "data.batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
+    "optim.end_lr_factor", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
+    "optim.ema_decay", "optim.total_steps", "sample.every", "sample.videos", "sample.max_frames", "sample.ratio",
+    "sample.grid_columns", "sampler", "mesh", "logical_axis_rules")
+NONFINITE = ("skip", "halt")
+
+
+def check_config(cfg) -> SamplerSettings:
+    """Fails before any work on a config that cannot run to the end; returns its sampler settings."""
+    configlib.require(cfg, REQUIRED_KEYS, "configs/demo.py")
+    settings = SamplerSettings.from_config(cfg.sampler)
+    if cfg.total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {cfg.total_steps}")
+    if cfg.nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite={cfg.nonfinite!r}; expected one of {NONFINITE}")
+    if cfg.latent.kind not in ("pixel", "vae"):
+        raise ValueError(f"latent.kind={cfg.latent.kind!r}: expected 'pixel' or 'vae'")
+    if cfg.latent.kind == "vae" and not cfg.latent.weights:
+        raise ValueError("latent.kind='vae' needs latent.weights, a weights folder with the SD VAE")
+    for key, folder, sub in (("init.weights", cfg.init.weights, pretrained.UNET),
+                             ("latent.weights", cfg.latent.kind == "vae" and cfg.latent.weights, pretrained.VAE)):
+        if folder and not os.path.isdir(os.path.join(folder, sub)):
+            raise FileNotFoundError(f"{key}={folder!r} is not a weights folder with {sub}/; convert one with "
+                                    f"tools/convert_checkpoint.py (see the README)")
+    for video in cfg.sample.videos:
+        if not os.path.isfile(video):
+            raise FileNotFoundError(f"sample.videos: held-out clip {video} does not exist")
+    if cfg.sample.videos:  # ratio, canvas mode and size at once, on a frame of the training size
+        make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
+                    multiple=canvas_multiple(cfg))
+    data_config(cfg)  # data sources and batch split
+    return settings
+
+
+def canvas_multiple(cfg) -> int:
+    """What the trained model's canvas sides must be multiples of (latent factor x UNet factor), from the
+    configs alone."""
+    if cfg.latent.kind == "pixel":
+        latent = PixelSpaceConfig(factor=cfg.latent.factor)
+    else:
+        latent = pretrained.read_config(os.path.join(cfg.latent.weights, pretrained.VAE))
+    unet = (pretrained.read_config(os.path.join(cfg.init.weights, pretrained.UNET)) if cfg.init.weights
+            else UNet3DConfig(**cfg.model.to_dict()))
+    return latent.downsample_factor * unet.downsample_factor
+
+
+def sample(cfg, settings: SamplerSettings, trainer, workdir: str, step: int) -> None:
     """Outpaints the held-out clips with the EMA parameters (process 0 writes them)."""
     if not cfg.sample.videos:
         return
     unet = trainer.ema_unet()
     if jax.process_index() != 0:
         return
-    outpainter = Outpainter(unet, trainer.codec, cfg.scheduler.to_dict(), steps=cfg.sample.steps,
-                            guidance_scale=cfg.sample.guidance_scale,
-                            global_guidance_scale=cfg.sample.global_guidance_scale)
+    outpainter = Outpainter(unet, trainer.codec, cfg.scheduler.to_dict(), settings)
     videos = samples.load_videos(cfg.sample.videos, cfg.sample.max_frames)
     grid = samples.write_samples(os.path.join(workdir, "samples", f"step_{step:07d}"), outpainter, videos,
-                                 cfg.sample)
+                                 cfg.sample.ratio, cfg.sample.grid_columns)
     log.info("samples of step %d: %s", step, grid)
 
 
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    settings = check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict()))
     data_iter = iter(make_dataset(data_config(cfg), seed=cfg.seed, shard_index=jax.process_index(),
                                   shard_count=jax.process_count()))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, export.CHECKPOINTS), save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
+    if not start and jax.process_index() == 0:  # a resumed run keeps the model/ its checkpoints were made with
+        unet_config = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest).config
+        export.write_run_model(workdir, unet_config, trainer.codec, cfg.scheduler.to_dict())
     if start:
         trainer.state = ckpt.restore(start, checkpoint.abstract_like(trainer.state, trainer.state_shardings),
                                      data_iter)
@@ -91,7 +150,7 @@ def train(cfg, workdir: str) -> dict:
         metrics_log.advance(done)
         ckpt.save(done, trainer.state, data_iter, config_json, force=done == cfg.total_steps)
         if done == cfg.total_steps or (cfg.sample.every and done % cfg.sample.every == 0):
-            sample(cfg, trainer, workdir, done)
+            sample(cfg, settings, trainer, workdir, done)
     ckpt.wait()
     ckpt.close()
     metrics_log.close()
@@ -102,18 +161,30 @@ def main(argv) -> None:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
     logging.getLogger("m3ddm_jax").setLevel(logging.INFO)
-    cfg = _CONFIG.value
+    args = flags.FLAGS
+    cfg = args.config
     if cfg.compilation_cache:
         # A restarted or resumed run (preemption, the resume test) reuses compiled steps from disk.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    workdir = _WORKDIR.value or cfg.workdir
+    sharding.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    workdir = args.workdir or cfg.workdir
     if not workdir:
         raise app.UsageError("set --workdir or config.workdir")
+    try:
+        check_config(cfg)  # train() checks again; here a bad config is one line, not a traceback
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     train(cfg, workdir)
 
 
 if __name__ == "__main__":
+    # Defined here rather than at import: absl flags are global, and evaluate.py and infer.py define --config too.
+    config_flags.DEFINE_config_file("config", None, "training config file (get_config())", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, samples (default: config.workdir)")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
     flags.mark_flag_as_required("config")
     app.run(main)

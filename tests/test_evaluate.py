@@ -18,9 +18,6 @@ from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.video import read_video
 
-sys.path.insert(0, str(REPO / "tools"))
-import convert_checkpoint  # noqa: E402
-
 ASSETS = REPO / "assets" / "videos"  # CC BY 3.0 / CC0 clips; see SOURCES.md there
 
 
@@ -33,16 +30,6 @@ def load_config(name="eval_tiny", **overrides):
             node = node[p]
         node[leaf] = value
     return cfg
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory, reference_dir):
-    dst = tmp_path_factory.mktemp("eval_weights") / "tiny"
-    assert convert_checkpoint.main([
-        "m3ddm", "--src", str(reference_dir / "unet_tiny.safetensors"), "--config", str(reference_dir / "config.json"),
-        "--vae", str(reference_dir / "vae_tiny.safetensors"), "--vae-config", str(reference_dir / "vae_config.json"),
-        "--dst", str(dst)]) == 0
-    return str(dst)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +56,11 @@ def predictions_of(folder, tmp_path, ratios=("0.25", "0.66")):
 
 
 @pytest.fixture(scope="module")
-def first_run(weights, videos, lpips_pair, tmp_path_factory):
+def first_run(tiny_weights, videos, lpips_pair, tmp_path_factory):
     """One outpainting run (LPIPS on, FVD off, outputs saved) and its output folder."""
     _, lin, alex = lpips_pair
     out = tmp_path_factory.mktemp("eval")
-    cfg = load_config(videos=str(videos), weights=weights, output_dir=str(out), save_outputs=True,
+    cfg = load_config(videos=str(videos), weights=tiny_weights, output_dir=str(out), save_outputs=True,
                       **{"metrics.lpips_lin": lin, "metrics.alexnet": alex})
     return cfg, evaluate.evaluate(cfg), out
 
@@ -178,8 +165,8 @@ def test_bad_video_is_skipped_and_listed(videos, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "per_video" / "broken" / "error.json").exists()
 
 
-def test_bad_input_is_named(videos, weights, lpips_pair, tmp_path):
-    run = lambda **kw: evaluate.evaluate(load_config(**{"videos": str(videos), "weights": weights,
+def test_bad_input_is_named(videos, tiny_weights, lpips_pair, tmp_path):
+    run = lambda **kw: evaluate.evaluate(load_config(**{"videos": str(videos), "weights": tiny_weights,
                                                         "output_dir": str(tmp_path / "out"), **kw}))
     with pytest.raises(FileNotFoundError, match=f"videos folder {tmp_path / 'nowhere'} does not exist"):
         run(videos=str(tmp_path / "nowhere"))
@@ -218,9 +205,9 @@ def test_davis_config_needs_only_paths(tmp_path):
         evaluate.evaluate(cfg)
 
 
-def test_cli_error(weights, tmp_path):
+def test_cli_error(tiny_weights, tmp_path):
     command = [sys.executable, "-m", "m3ddm_jax.evaluate", "--config", str(REPO / "configs" / "eval_tiny.py"),
-               f"--config.weights={weights}", f"--config.videos={tmp_path / 'nowhere'}",
+               f"--config.weights={tiny_weights}", f"--config.videos={tmp_path / 'nowhere'}",
                f"--config.output_dir={tmp_path / 'out'}"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import REPO, VIDEOS
-from test_evaluate import load_config, weights  # noqa: F401 (weights: the tiny fixture checkpoint, converted)
+from conftest import REPO, VIDEOS, subprocess_env
+from test_evaluate import load_config
 from m3ddm_jax import infer
 from m3ddm_jax.video import read_video
 
@@ -23,25 +23,18 @@ CLIPS = [VIDEOS / f"{name}.mp4" for name in ("big_buck_bunny", "caminandes_llama
 FRAMES = 3  # infer_tiny's max_frames
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def command(weights, out, inputs):
     return [sys.executable, "-m", "m3ddm_jax.infer", f"--config={CONFIG}", f"--config.weights={weights}",
             f"--config.output_dir={out}", f"--config.inputs={inputs!r}"]
 
 
 def env(cache_dir, **extra):
-    """No simulated device count; every run reads and fills the shared compilation cache."""
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**e, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONUNBUFFERED": "1", **extra}
+    """Every run reads and fills the shared compilation cache."""
+    return subprocess_env(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
 
 
-def run(cmd, cache_dir):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env(cache_dir))
+def run(cmd, compile_cache):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env(compile_cache))
 
 
 def statuses(out):
@@ -78,16 +71,16 @@ def test_inputs_folder_glob_list_and_paths(tmp_path):
         infer.list_inputs(str(tmp_path / "empty"))
 
 
-def test_setup_errors_stop_before_any_work(weights, tmp_path):
+def test_setup_errors_stop_before_any_work(tiny_weights, tmp_path):
     out = tmp_path / "out"
     cases = [({"ratio": "wide"}, ValueError, "cannot parse aspect ratio 'wide'"),
-             ({"sampler.canvas_size": 100}, ValueError, "canvas_long_side=100 must be a positive multiple of 64"),
+             ({"sampler.canvas_size": 100}, ValueError, "canvas_size=100 must be a positive multiple of 64"),
              ({"weights": str(tmp_path / "w")}, FileNotFoundError, f"weights folder {tmp_path / 'w'} does not exist"),
              ({"inputs": (str(out),)}, ValueError, f"output {out / 'x.mp4'} would overwrite its input")]
     os.makedirs(out)
     (out / "x.mp4").write_text("")
     for overrides, error, message in cases:
-        cfg = load_config("infer_tiny", **{"weights": weights, "output_dir": str(out), "inputs": (str(CLIPS[0]),),
+        cfg = load_config("infer_tiny", **{"weights": tiny_weights, "output_dir": str(out), "inputs": (str(CLIPS[0]),),
                                            **overrides})
         with pytest.raises(error, match=message):
             infer.infer(cfg)
@@ -101,8 +94,8 @@ def test_example_config_needs_only_paths(tmp_path):
         infer.infer(cfg)
 
 
-def test_cli_setup_error_exits_1(weights, tmp_path, cache_dir):
-    proc = run(command(weights, tmp_path / "out", (str(tmp_path / "*.mp4"),)), cache_dir)
+def test_cli_setup_error_exits_1(tiny_weights, tmp_path, compile_cache):
+    proc = run(command(tiny_weights, tmp_path / "out", (str(tmp_path / "*.mp4"),)), compile_cache)
     assert proc.returncode == infer.EXIT_SETUP_ERROR == 1, proc.stderr[-3000:]
     assert f"error: input glob '{tmp_path}/*.mp4' matches no file" in proc.stderr
 
@@ -110,7 +103,7 @@ def test_cli_setup_error_exits_1(weights, tmp_path, cache_dir):
 # ---------------------------------------------------------------------------------------- batches
 
 
-def test_batch_with_a_bad_video(weights, tmp_path, cache_dir):
+def test_batch_with_a_bad_video(tiny_weights, tmp_path, compile_cache):
     """Two clips and a text file named .mp4, from a folder: the clips are outpainted to 9:16 with all their
     (limited) frames, the bad file is recorded with its reason, and the exit status is 2."""
     videos = tmp_path / "videos"
@@ -119,7 +112,7 @@ def test_batch_with_a_bad_video(weights, tmp_path, cache_dir):
         os.symlink(clip, videos / clip.name)
     (videos / "notes.mp4").write_text("not a video\n")
     out = tmp_path / "out"
-    proc = run(command(weights, out, (str(videos),)), cache_dir)
+    proc = run(command(tiny_weights, out, (str(videos),)), compile_cache)
     assert proc.returncode == infer.EXIT_VIDEOS_FAILED == 2, proc.stderr[-3000:]
     assert outputs(out) == ["caminandes_llama", "stream_of_water"]
     for name in outputs(out):
@@ -140,15 +133,15 @@ def test_batch_with_a_bad_video(weights, tmp_path, cache_dir):
     assert [p for p in os.listdir(out) if p.startswith(".")] == []  # no temporary left
 
 
-def test_resume_after_kill(weights, tmp_path, cache_dir):
+def test_resume_after_kill(tiny_weights, tmp_path, compile_cache):
     """kill -9 once the first output exists: every output under its final name is complete; the next run
     skips those (their files untouched) and does the rest."""
     listing = tmp_path / "videos.txt"
     listing.write_text("".join(f"{clip}\n" for clip in CLIPS))
     out = tmp_path / "out"
-    cmd = command(weights, out, (str(listing),))
+    cmd = command(tiny_weights, out, (str(listing),))
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(cache_dir), stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(compile_cache), stdout=log, stderr=log)
         deadline = time.time() + 300
         while not outputs(out) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -160,7 +153,7 @@ def test_resume_after_kill(weights, tmp_path, cache_dir):
         assert len(read_video(out / f"{name}.mp4").frames) == FRAMES
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
-    proc = run(cmd, cache_dir)
+    proc = run(cmd, compile_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert outputs(out) == [c.stem for c in CLIPS]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -175,7 +168,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_hosts_split_the_videos(weights, tmp_path, cache_dir):
+def test_two_hosts_split_the_videos(tiny_weights, tmp_path, compile_cache):
     """Two processes on 127.0.0.1: video i goes to process i mod 2, each video is done once, and process 0
     summarizes the whole batch."""
     videos = tmp_path / "videos"
@@ -183,10 +176,10 @@ def test_two_hosts_split_the_videos(weights, tmp_path, cache_dir):
     for clip in CLIPS:
         os.symlink(clip, videos / clip.name)
     out = tmp_path / "out"
-    cmd = command(weights, out, (str(videos / "*.mp4"),))
+    cmd = command(tiny_weights, out, (str(videos / "*.mp4"),))
     port = free_port()
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env(cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                              env=env(compile_cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                       JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     logs = [p.communicate(timeout=300) for p in procs]

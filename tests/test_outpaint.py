@@ -20,12 +20,14 @@ from m3ddm_jax.models.vae import VAEConfig
 from m3ddm_jax.outpaint import main
 from m3ddm_jax.sampling import Outpainter, plan_windows
 from m3ddm_jax.sampling.pipeline import compose_output
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video import composite, crop, make_canvas, native_layout, official_layout, read_video, write_video
 
 CLIP = VIDEOS / "stream_of_water.mp4"  # CC0 1.0 (MDN interactive-examples); see SOURCES.md
 TESTS = pathlib.Path(__file__).resolve().parent
 STEPS = 2
 CANVAS = 64  # native canvas long side: 8x8 latents
+SETTINGS = SamplerSettings(steps=STEPS, canvas_mode="native", canvas_size=CANVAS, global_size=(64, 64))
 
 
 def tiny_models():
@@ -60,12 +62,11 @@ def test_hierarchical_batched_equals_sequential(weights, video_frames):
     """Windows of one plan batch run in one sampler call give the same frames as one call per window; the
     output has exactly N frames and the source pixels untouched (native mode, before any encoding)."""
     results, progress = {}, []
-    for per_call in (1, None):
-        outpainter = Outpainter.from_folder(str(weights), steps=STEPS, max_windows_per_call=per_call)
-        results[per_call] = outpainter.outpaint(video_frames, 25.0, "1:1", mode="native", canvas_long_side=CANVAS,
-                                                global_hw=(64, 64), key=3,
+    for per_call in (1, 0):
+        outpainter = Outpainter.from_folder(str(weights), SETTINGS.replace(windows_per_call=per_call, seed=3))
+        results[per_call] = outpainter.outpaint(video_frames, 25.0, "1:1",
                                                 progress=lambda done, total: progress.append((done, total)))
-    seq, batched = results[1], results[None]
+    seq, batched = results[1], results[0]
     assert seq.plan.strides == (15, 5, 1)
     assert [len(b) for b in seq.plan.batches()] == [1, 1, 4]
     assert progress[-1] == (6 * STEPS, 6 * STEPS) and len(progress) == 6 + 3
@@ -101,7 +102,7 @@ class RecordingSampler:
 def test_plan_routes_guides_and_outputs(weights, n):
     """Every window sees, at its guide positions, the output of the window and position the plan names, and
     frame f ends up with the output plan.frame_sources() names."""
-    outpainter = Outpainter.from_folder(str(weights), max_windows_per_call=3)
+    outpainter = Outpainter.from_folder(str(weights), SamplerSettings(windows_per_call=3))
     plan = plan_windows(n)
     outpainter.sampler = recorder = RecordingSampler(plan)
     init = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 8, 8, 4))
@@ -123,15 +124,15 @@ import jax, numpy as np
 from test_outpaint import tiny_models, synthetic_frames
 from m3ddm_jax import pretrained
 from m3ddm_jax.sampling import Outpainter, plan_windows
+from test_outpaint import SETTINGS
 assert jax.device_count() == 2
 unet, vae = tiny_models()
 frames = synthetic_frames()
-outpainters = [Outpainter(unet, vae, pretrained.SD15_SCHEDULER_CONFIG, steps=2, devices=devices)
+outpainters = [Outpainter(unet, vae, pretrained.SD15_SCHEDULER_CONFIG, SETTINGS, devices=devices)
                for devices in (jax.devices()[:1], jax.devices())]
 x = outpainters[1]._put(np.zeros((4, 3)), 4)
 assert x.sharding.shard_shape(x.shape) == (2, 3)  # each device gets half of the windows
-runs = [o.outpaint(frames, 25.0, "1:1", mode="native", canvas_long_side=64, global_hw=(64, 64), key=3)
-        for o in outpainters]
+runs = [o.outpaint(frames, 25.0, "1:1", key=3) for o in outpainters]
 np.testing.assert_allclose(runs[0].latents, runs[1].latents, rtol=1e-4, atol=1e-4)
 assert np.abs(runs[0].frames.astype(int) - runs[1].frames).max() <= 1
 """
@@ -176,7 +177,7 @@ def test_cli_end_to_end(weights, tmp_path, capsys):
                "--steps", str(STEPS), "--mode", "native", "--canvas-size", str(CANVAS), "--seed", "5"])
     assert rc == 0, capsys.readouterr().err
     result = read_video(out)
-    layout = native_layout(src.frames.shape[1:3], "9:16", canvas_long_side=CANVAS)
+    layout = native_layout(src.frames.shape[1:3], "9:16", canvas_size=CANVAS)
     assert len(result.frames) == len(src.frames) == 17  # the official script would write 31
     assert result.frames.shape[1:3] == layout.output_hw == (854, 480)
     assert result.fps == src.fps and result.has_audio

@@ -17,6 +17,7 @@ from m3ddm_jax.configlib import load_config
 from m3ddm_jax.data.pipeline import make_dataset
 from m3ddm_jax.data.sources import ArrayVideo
 from m3ddm_jax.sampling.pipeline import Outpainter
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.training.trainer import build_trainer, data_config
 from m3ddm_jax.video.canvas import make_canvas, resize_bilinear_antialias
 from m3ddm_jax.video.io import read_video
@@ -63,9 +64,10 @@ def test_tiny_model_overfits_one_clip_and_beats_the_telea_init():
 
     # Outpaint the clip's centre (8 of 16 columns) back to a square, with the EMA weights, no guidance.
     source = gt[:, :, 4:12]
-    outpainter = Outpainter(trainer.ema_unet(), trainer.codec, cfg.scheduler.to_dict(), steps=25,
-                            guidance_scale=1.0, global_guidance_scale=1.0)
-    result = outpainter.outpaint(source, FPS, 1.0, mode="native", canvas_long_side=16, global_hw=(16, 16))
+    settings = SamplerSettings(steps=25, guidance_scale=1.0, global_guidance_scale=1.0, canvas_mode="native",
+                               canvas_size=16, global_size=(16, 16))
+    outpainter = Outpainter(trainer.ema_unet(), trainer.codec, cfg.scheduler.to_dict(), settings)
+    result = outpainter.outpaint(source, FPS, 1.0)
     assert result.frames.shape == gt.shape
     canvas = make_canvas(source, result.layout)
     band = canvas.mask.astype(bool)

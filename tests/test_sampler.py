@@ -16,6 +16,7 @@ from m3ddm_jax.models.layers import random_init
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.models.vae import VAEConfig
 from m3ddm_jax.sampling import Draws, Outpainter, WindowInputs, WindowSampler, combine, guidance_branches
+from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video import latent_mask
 
 META = load_json("pipeline_runs.json") or {}
@@ -51,6 +52,11 @@ def settings(d, exact=False):
                 global_guidance_scale=float(d["previous_guidance_scale"]), exact_branches=exact)
 
 
+def outpainter_settings(d, exact=False) -> SamplerSettings:
+    """The recorded run's settings, computed in float32 with the reference attention (parity, any backend)."""
+    return SamplerSettings(**settings(d, exact), dtype="float32", attention="xla")
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("exact", [True, False], ids=["4branch", "3branch"])
 @pytest.mark.parametrize("case", sorted(RUNS))
@@ -58,7 +64,7 @@ def test_single_window_matches_official(reference_models, reference_dir, case, e
     """Replaying the three recorded draws reproduces the official latents and images (float32)."""
     d = np.load(reference_dir / RUNS[case]["file"])
     unet, vae, scheduler_config = reference_models
-    outpainter = Outpainter(unet, vae, scheduler_config, **settings(d, exact))
+    outpainter = Outpainter(unet, vae, scheduler_config, outpainter_settings(d, exact))
     draws = Draws.replay(nhwc(d["rand_vae_posterior_eps_local"]), frames_last(d["rand_initial_noise"][0]),
                          nhwc(d["rand_vae_posterior_eps_global"]))
     latents, images = outpainter.outpaint_window(

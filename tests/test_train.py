@@ -1,4 +1,5 @@
-"""Training: resume after kill -9, sharded == single-device, two processes, non-finite steps.
+"""Training: resume after kill -9, sharded == single-device, two processes (and their checkpoint exported on
+one host), non-finite steps.
 
 Runs go through `python -m m3ddm_jax.train` in subprocesses (a simulated device count must be set before
 JAX starts, and kill -9 needs a process). They share one persistent compilation cache, so the same step is
@@ -13,33 +14,22 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 CONFIG = str(REPO / "configs" / "test_tiny.py")
 COMPARED = ("loss", "grad_norm", "learning_rate")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One persistent compilation cache for the whole session, shared by xdist workers (JAX writes its cache
-    entries atomically)."""
-    path = tmp_path_factory.getbasetemp().parent / "jax_cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
-def train_cmd(workdir, cache_dir, *overrides):
+def train_cmd(workdir, compile_cache, *overrides):
     return [sys.executable, "-m", "m3ddm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
-            f"--config.compilation_cache={cache_dir}", *overrides]
+            f"--config.compilation_cache={compile_cache}", *overrides]
 
 
-def env(**extra):
-    """The test's environment without a simulated device count, plus `extra`."""
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**e, "PYTHONUNBUFFERED": "1", **extra}
+env = subprocess_env
 
 
 def run(cmd, timeout=600, **kw):
@@ -62,9 +52,9 @@ HELD_OUT = str(REPO / "assets" / "videos" / "stream_of_water.mp4")
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, cache_dir):
+def uninterrupted(tmp_path_factory, compile_cache):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(train_cmd(workdir, cache_dir, "--config.total_steps=10", f"--config.sample.videos=('{HELD_OUT}',)"),
+    run(train_cmd(workdir, compile_cache, "--config.total_steps=10", f"--config.sample.videos=('{HELD_OUT}',)"),
         env=env())
     return workdir
 
@@ -84,9 +74,9 @@ def test_uninterrupted_run_learns_checkpoints_and_samples(uninterrupted):
     assert os.path.getsize(os.path.join(folder, "grid.png")) > 0
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, cache_dir, uninterrupted):
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, compile_cache, uninterrupted):
     workdir = str(tmp_path / "run")
-    cmd = train_cmd(workdir, cache_dir, "--config.total_steps=10")
+    cmd = train_cmd(workdir, compile_cache, "--config.total_steps=10")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
@@ -140,10 +130,9 @@ print(json.dumps({"losses": [out["single"][0], out["mesh"][0]], "param_diff": di
 """
 
 
-def test_sharded_step_equals_single_device_and_restores_on_another_mesh(cache_dir, tmp_path):
+def test_sharded_step_equals_single_device_and_restores_on_another_mesh(compile_cache, tmp_path):
     proc = run([sys.executable, "-c", SHARDED_CHECK, CONFIG, str(tmp_path / "ckpt")],
-               env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-                       JAX_COMPILATION_CACHE_DIR=cache_dir))
+               env=env(devices=8, JAX_COMPILATION_CACHE_DIR=compile_cache))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     single, mesh = result["losses"]
     np.testing.assert_allclose(mesh, single, rtol=1e-5)
@@ -157,14 +146,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_one_checkpoint(tmp_path, cache_dir):
-    """Two hosts on 127.0.0.1 (gloo): each feeds its own data shard, process 0 writes metrics, one checkpoint."""
+def test_two_processes_one_checkpoint_exported_on_one_host(tmp_path, compile_cache, capsys):
+    """Two hosts on 127.0.0.1 (gloo): each feeds its own data shard, process 0 writes metrics, one checkpoint.
+    The checkpoint exports on this one process, without devices: the weights folder holds the run's EMA
+    parameters, as a full restore of the checkpoint has them."""
     workdir = str(tmp_path / "run")
     port = free_port()
-    procs = [subprocess.Popen(train_cmd(workdir, cache_dir, "--config.total_steps=4", "--config.mesh.data=2"),
+    procs = [subprocess.Popen(train_cmd(workdir, compile_cache, "--config.total_steps=4", "--config.mesh.data=2"),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu"))
+                                      JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -174,6 +165,27 @@ def test_two_processes_one_checkpoint(tmp_path, cache_dir):
     # Both data shards got checkpointed positions (grain writes one file per process).
     step_dir = os.path.join(workdir, "checkpoints", "4", "data")
     assert len([f for f in os.listdir(step_dir) if "process" in f]) == 2, os.listdir(step_dir)
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_checkpoint
+    import orbax.checkpoint as ocp
+
+    from m3ddm_jax import pretrained
+    from test_export import flat, flat_params
+
+    dst = tmp_path / "model"
+    assert convert_checkpoint.main(["export", "--src", workdir, "--dst", str(dst)]) == 0, capsys.readouterr().err
+    exported = flat_params(pretrained.load_weights(str(dst)).unet)
+    path = os.path.join(workdir, "checkpoints", "4", "state")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    everything = checkpointer.metadata(path).item_metadata.tree
+    everything = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=everything, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), everything)))
+    want = {**flat(everything["ema"]), **flat(everything["rest"])}
+    assert exported.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    assert any(not np.array_equal(v, flat(everything["params"]).get(k, v)) for k, v in want.items())  # EMA != raw
 
 
 def tiny_batch(rng, b=2, f=4, g=2, size=16):
@@ -211,14 +223,14 @@ def test_cached_latents_give_the_same_inputs_as_pixels():
     assert float(a["mask"][1].min()) == 1.0 and float(a["mask"][0, 0].max()) == 0.0
 
 
-def test_nonfinite_step_is_skipped_and_counted(cache_dir):
+def test_nonfinite_step_is_skipped_and_counted(compile_cache):
     import jax
 
     from m3ddm_jax import sharding
     from m3ddm_jax.configlib import load_config
     from m3ddm_jax.training.trainer import build_trainer
 
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
     trainer = build_trainer(load_config(CONFIG), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
     batch = tiny_batch(np.random.default_rng(1))
     before = jax.device_get(trainer.state.params)

@@ -29,14 +29,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.unet3d import UNet3D
-from m3ddm_jax.models.vae import AutoencoderKL
+from m3ddm_jax.models.vae import LatentCodec
 from m3ddm_jax.sampling.schedule import WINDOW, WindowPlan, plan_windows
+from m3ddm_jax.sampling.settings import CANVAS_MODES, SamplerSettings
 from m3ddm_jax.sampling.window import Hashed, WindowInputs, WindowSampler
-from m3ddm_jax.video.canvas import (GLOBAL_FRAME_HW, MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
+from m3ddm_jax.video.canvas import (MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
                                     composite, composite_native, crop, global_frames, latent_mask, make_canvas,
                                     native_layout, official_layout, to_model_range, to_uint8)
 
-MODES = ("official", "native")
 WINDOWS_PER_DEVICE = 4  # default most windows per device in one sampler call (x 3 guidance branches x 16 frames)
 Progress = Callable[[int, int], None]  # (window-steps done, window-steps in all)
 Items = Callable[[int, int], np.ndarray]  # (start, stop) -> items start..stop-1
@@ -101,15 +101,15 @@ def _global_tokens(graphdef: Hashed, params, latents):
 
 
 def make_layout(source_hw: tuple[int, int], ratio: str | float, mode: str = "official", *,
-                canvas_long_side: int = 256, multiple: int = MODEL_MULTIPLE) -> Layout:
+                canvas_size: int = 256, multiple: int = MODEL_MULTIPLE) -> Layout:
     """'official': the official square canvas of side <= 256, cropped to `ratio` afterwards; 'native': a
-    canvas shaped like `ratio` (long side `canvas_long_side`, sides multiples of `multiple`), composited at
-    the source resolution."""
+    canvas shaped like `ratio` (long side `canvas_size`, sides multiples of `multiple`), composited at the
+    source resolution."""
     if mode == "official":
         return official_layout(source_hw, [ratio])
     if mode == "native":
-        return native_layout(source_hw, ratio, canvas_long_side=canvas_long_side, multiple=multiple)
-    raise ValueError(f"unknown canvas mode {mode!r}; use one of {MODES}")
+        return native_layout(source_hw, ratio, canvas_size=canvas_size, multiple=multiple)
+    raise ValueError(f"unknown canvas mode {mode!r}; use one of {CANVAS_MODES}")
 
 
 def compose_output(generated: np.ndarray, frames: np.ndarray, canvas: CanvasFrames,
@@ -121,21 +121,25 @@ def compose_output(generated: np.ndarray, frames: np.ndarray, canvas: CanvasFram
 
 
 class Outpainter:
-    """A UNet, a VAE and the sampler settings, ready to outpaint videos one after another (compiled code is
-    reused across videos of the same canvas size).
+    """A UNet, a latent space and the sampler settings, ready to outpaint videos one after another (compiled
+    code is reused across videos of the same canvas size).
 
-    Window batches are split over `devices` (default: all local devices) along a 1-D mesh axis 'windows';
-    a call holds at most `max_windows_per_call` windows (default WINDOWS_PER_DEVICE per device) and is
-    padded to devices x a power of two so that few shapes compile. The VAE runs `vae_batch` frames per call.
+    The UNet runs in the settings' compute dtype and attention kernel, whatever it was built with (a training
+    UNet may carry bfloat16 and remat). Window batches are split over `devices` (default: all local devices)
+    along a 1-D mesh axis 'windows'; a call holds at most `settings.windows_per_call` windows (0:
+    WINDOWS_PER_DEVICE per device) and is padded to devices x a power of two so that few shapes compile. The
+    VAE runs `vae_batch` frames per call.
     """
 
-    def __init__(self, unet: UNet3D, vae: AutoencoderKL, scheduler_config: dict, *, steps: int = 50,
-                 scheduler: str = "pndm", guidance_scale: float = 2.0, global_guidance_scale: float = 4.0,
-                 exact_branches: bool = False, loop: str = "scan", devices: Sequence[jax.Device] | None = None,
-                 max_windows_per_call: int | None = None, vae_batch: int = 8):
-        self.sampler = WindowSampler(unet, scheduler_config, steps=steps, scheduler=scheduler,
-                                     guidance_scale=guidance_scale, global_guidance_scale=global_guidance_scale,
-                                     exact_branches=exact_branches, loop=loop)
+    def __init__(self, unet: UNet3D, vae: LatentCodec, scheduler_config: dict,
+                 settings: SamplerSettings = SamplerSettings(), *, loop: str = "scan",
+                 devices: Sequence[jax.Device] | None = None, vae_batch: int = 8):
+        self.settings = settings
+        unet = pretrained.reconfigure(unet, remat="none", **settings.unet_overrides(jax.default_backend()))
+        self.sampler = WindowSampler(unet, scheduler_config, steps=settings.steps, scheduler=settings.scheduler,
+                                     guidance_scale=settings.guidance_scale,
+                                     global_guidance_scale=settings.global_guidance_scale,
+                                     exact_branches=settings.exact_branches, loop=loop)
         self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), ("windows",))
         self.num_devices = self.mesh.size
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -148,20 +152,16 @@ class Outpainter:
         self.latent_channels = vae.config.latent_channels
         # Canvas sides the model takes: the latent factor times the UNet's (64 for SD's VAE and UNet).
         self.canvas_multiple = self.vae_factor * unet.config.downsample_factor
-        if max_windows_per_call is not None and max_windows_per_call < 1:
-            raise ValueError(f"max_windows_per_call must be >= 1, got {max_windows_per_call}")
-        self.max_windows_per_call = self._round_to_devices(max_windows_per_call
+        self.max_windows_per_call = self._round_to_devices(settings.windows_per_call
                                                            or WINDOWS_PER_DEVICE * self.num_devices)
         self.vae_batch = self._round_to_devices(vae_batch)
 
     @classmethod
-    def from_folder(cls, folder: str, *, dtype: str = "auto", **kwargs) -> Outpainter:
-        """From a converted weights folder (tools/convert_checkpoint.py). `dtype` is the UNet compute dtype;
-        'auto' is bfloat16 on accelerators and float32 on CPU (where bfloat16 matmuls are emulated, slow)."""
-        if dtype == "auto":
-            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        weights = pretrained.load_weights(folder, dtype=dtype)
-        return cls(weights.unet, weights.vae, weights.scheduler_config, **kwargs)
+    def from_folder(cls, folder: str, settings: SamplerSettings = SamplerSettings(), **kwargs) -> Outpainter:
+        """From a weights folder (tools/convert_checkpoint.py: converted or exported), its UNet loaded in the
+        settings' compute dtype and attention kernel."""
+        weights = pretrained.load_weights(folder, **settings.unet_overrides(jax.default_backend()))
+        return cls(weights.unet, weights.vae, weights.scheduler_config, settings, **kwargs)
 
     @property
     def steps(self) -> int:
@@ -242,33 +242,32 @@ class Outpainter:
 
     # ------------------------------------------------------------------------------------- a video
 
-    def outpaint(self, frames: np.ndarray, fps: float, ratio: str | float, *, mode: str = "official",
-                 key: jax.Array | int = 0, canvas_long_side: int = 256,
-                 global_hw: tuple[int, int] = GLOBAL_FRAME_HW, strides: Sequence[int] | None = None,
-                 progress: Progress | None = None) -> Outpainted:
+    def outpaint(self, frames: np.ndarray, fps: float, ratio: str | float, *, key: jax.Array | int | None = None,
+                 strides: Sequence[int] | None = None, progress: Progress | None = None) -> Outpainted:
         """Outpaints source frames (N, H, W, 3) uint8 at `fps` to aspect ratio `ratio` (width:height).
 
-        `mode` chooses the canvas (see `make_layout`); `global_hw` is the size the global frames are resized
-        to (the official 256x256); `strides` overrides the official hierarchy ([15, 5, 1] from 50 frames on,
-        else [1]). `progress(done, total)` is called after every sampler call, in window-steps.
+        The canvas (mode and size) and the global frames' size are the settings'. Randomness comes from `key`
+        (default: the settings' seed). `strides` overrides the official hierarchy ([15, 5, 1] from 50 frames
+        on, else [1]). `progress(done, total)` is called after every sampler call, in window-steps.
         """
         t_start = time.perf_counter()
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
             raise ValueError(f"frames must be uint8 RGB (N >= 1, H, W, 3), got {frames.dtype} {frames.shape}")
         n = len(frames)
-        layout = make_layout(frames.shape[1:3], ratio, mode, canvas_long_side=canvas_long_side,
+        settings = self.settings
+        layout = make_layout(frames.shape[1:3], ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
                              multiple=self.canvas_multiple)
         canvas = make_canvas(frames, layout)
-        draws = Draws.from_key(key, self._latent_hw(layout.canvas_hw), self._latent_hw(global_hw),
-                               self.latent_channels)
+        draws = Draws.from_key(settings.seed if key is None else key, self._latent_hw(layout.canvas_hw),
+                               self._latent_hw(settings.global_size), self.latent_channels)
 
         timings = {"vae": 0.0, "unet": 0.0}
         t0 = time.perf_counter()
         black = np.zeros_like(canvas.masked[:1])
         sources = (canvas.init, canvas.masked, black)
         local = self.encode(lambda s, e: to_model_range(_take(sources, s, e)), 2 * n + 1, draws.vae_local)
-        tokens = self.global_tokens(global_frames(frames, size=global_hw), draws.vae_global)
+        tokens = self.global_tokens(global_frames(frames, size=settings.global_size), draws.vae_global)
         timings["vae"] += time.perf_counter() - t0
 
         plan = plan_windows(n, strides)

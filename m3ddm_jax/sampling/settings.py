@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
+
 SCHEDULERS = ("pndm", "ddim")
 CANVAS_MODES = ("official", "native")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -44,6 +46,7 @@ class SamplerSettings:
             (len(self.global_size) == 2 and min(self.global_size) >= 1,
              f"global_size must be (height, width), got {self.global_size}"),
             (self.dtype in DTYPES, f"dtype={self.dtype!r}; expected one of {DTYPES}"),
+            (self.attention in ATTENTION_NAMES, f"attention={self.attention!r}; expected one of {ATTENTION_NAMES}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -51,12 +54,18 @@ class SamplerSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> SamplerSettings:
-        """From a config's `sampler` section (a ConfigDict or dict); an unknown key is an error naming it."""
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"sampler settings: unknown key(s) {unknown}; expected a subset of {sorted(names)}")
+        """From a config's `sampler` section (a ConfigDict or dict), which must hold exactly these fields: a
+        missing or unknown key is an error naming it."""
+        if section is None:
+            raise ValueError("the config has no `sampler` section; add one with the fields "
+                             f"{', '.join(FIELDS)} (see m3ddm_jax/sampling/settings.py)")
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        missing, unknown = [n for n in FIELDS if n not in values], sorted(set(values) - set(FIELDS))
+        if missing or unknown:
+            raise ValueError("config section `sampler`: "
+                             + "; ".join(f"{what} key(s) {', '.join(f'sampler.{k}' for k in keys)}"
+                                         for what, keys in (("missing", missing), ("unknown", unknown)) if keys)
+                             + f". It holds exactly the fields {', '.join(FIELDS)} (m3ddm_jax/sampling/settings.py)")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,3 +80,10 @@ class SamplerSettings:
         if self.dtype != "auto":
             return self.dtype
         return "float32" if backend == "cpu" else "bfloat16"
+
+    def unet_overrides(self, backend: str) -> dict[str, str]:
+        """The UNet config fields these settings choose on `backend` (pretrained.load_weights' overrides)."""
+        return {"dtype": self.compute_dtype(backend), "attention_impl": self.attention}
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))

@@ -1,7 +1,8 @@
 """Sample outpaintings of held-out clips during training: an mp4 per clip and one PNG frame grid.
 
 The grid has two rows per clip: the source as it sits in the output frame (the region to generate black),
-then the outpainting. Samples use the EMA parameters, as an exported model would.
+then the outpainting. Samples use the EMA parameters, as an exported model would, and the config's sampler
+settings, as outpaint / infer / evaluate would.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from m3ddm_jax.sampling.pipeline import Outpainter
+from m3ddm_jax.sampling.pipeline import Outpainter, compose_output
+from m3ddm_jax.video.canvas import Layout, make_canvas
 from m3ddm_jax.video.grid import frame_grid, write_png
 from m3ddm_jax.video.io import Video, read_video, write_video
 
@@ -20,22 +22,21 @@ def load_videos(paths: Sequence[str], max_frames: int) -> list[tuple[str, Video]
     return [(os.path.splitext(os.path.basename(p))[0], read_video(p, max_frames=max_frames)) for p in paths]
 
 
-def _source_in_output(frames: np.ndarray, output_hw: tuple[int, int], box) -> np.ndarray:
-    out = np.zeros((len(frames), *output_hw, 3), np.uint8)
-    out[:, box.y0:box.y1, box.x0:box.x1] = frames
-    return out
+def _source_in_output(frames: np.ndarray, layout: Layout) -> np.ndarray:
+    """The output frames with nothing generated: the source where it is kept, black elsewhere."""
+    canvas = make_canvas(frames, layout)
+    return compose_output(np.zeros_like(canvas.masked), frames, canvas, layout)
 
 
-def write_samples(folder: str, outpainter: Outpainter, videos: Sequence[tuple[str, Video]], cfg) -> str:
-    """Outpaints each video to `cfg.ratio` (native canvas, long side `cfg.canvas_long_side`); returns the
-    grid's path."""
+def write_samples(folder: str, outpainter: Outpainter, videos: Sequence[tuple[str, Video]], ratio: str,
+                  grid_columns: int) -> str:
+    """Outpaints each video to `ratio`; returns the grid's path."""
     os.makedirs(folder, exist_ok=True)
     rows = []
     for name, video in videos:
-        result = outpainter.outpaint(video.frames, float(video.fps), cfg.ratio, mode="native", key=cfg.seed,
-                                     canvas_long_side=cfg.canvas_long_side, global_hw=tuple(cfg.global_hw))
+        result = outpainter.outpaint(video.frames, float(video.fps), ratio)
         write_video(os.path.join(folder, f"{name}.mp4"), result.frames, video.fps)
-        rows += [_source_in_output(video.frames, result.layout.output_hw, result.layout.output_box), result.frames]
+        rows += [_source_in_output(video.frames, result.layout), result.frames]
     path = os.path.join(folder, "grid.png")
-    write_png(path, frame_grid(rows, columns=cfg.grid_columns))
+    write_png(path, frame_grid(rows, columns=grid_columns))
     return path

@@ -155,7 +155,7 @@ def _official_crop(side: int, ratio: float) -> Box:
 # ------------------------------------------------------------------------------------------------ native
 
 
-def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_long_side: int = OFFICIAL_CANVAS,
+def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_size: int = OFFICIAL_CANVAS,
                   multiple: int = MODEL_MULTIPLE) -> NativeLayout:
     """A canvas shaped like `ratio` for a (H, W) frame, and the output frame it is composited into.
 
@@ -164,7 +164,7 @@ def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_long
     extended side is the nearest even number to the exact value, so the ratio holds within 1 pixel. The
     source sits centred in it, pixel for pixel.
 
-    Canvas rule: long side `canvas_long_side` (a multiple of `multiple`; 256 is the training resolution),
+    Canvas rule: long side `canvas_size` (a multiple of `multiple`; 256 is the training resolution),
     short side the nearest multiple of `multiple` (at least one) to the output's ratio. `multiple` is what
     the model needs (64 for the SD VAE and the released UNet: latent factor 8 x UNet factor 8). The canvas is
     the output frame resampled to that size, so its ratio may differ from the target by up to half a
@@ -173,8 +173,8 @@ def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_long
     """
     h, w = _check_hw(source_hw)
     r = parse_ratio(ratio)
-    if canvas_long_side < multiple or canvas_long_side % multiple:
-        raise ValueError(f"canvas_long_side={canvas_long_side} must be a positive multiple of {multiple}")
+    if canvas_size < multiple or canvas_size % multiple:
+        raise ValueError(f"canvas_size={canvas_size} must be a positive multiple of {multiple}")
     if w / h > r:  # extend the height
         out_w = _even_up(w)
         out_h = max(_even_up(h), _even_nearest(out_w / r))
@@ -183,9 +183,9 @@ def native_layout(source_hw: tuple[int, int], ratio: str | float, *, canvas_long
         out_w = max(_even_up(w), _even_nearest(out_h * r))
     oy, ox = (out_h - h) // 2, (out_w - w) // 2
     if out_w >= out_h:
-        cw, ch = canvas_long_side, _multiple_nearest(canvas_long_side * out_h / out_w, multiple)
+        cw, ch = canvas_size, _multiple_nearest(canvas_size * out_h / out_w, multiple)
     else:
-        ch, cw = canvas_long_side, _multiple_nearest(canvas_long_side * out_w / out_h, multiple)
+        ch, cw = canvas_size, _multiple_nearest(canvas_size * out_w / out_h, multiple)
     sy, sx = ch / out_h, cw / out_w
     box = Box(round(oy * sy), round((oy + h) * sy), round(ox * sx), round((ox + w) * sx))
     if min(box.hw) < 1:
