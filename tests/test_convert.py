@@ -1,6 +1,8 @@
 """Checkpoint conversion: the CLI, pickled and fp16 checkpoints, and clear errors for bad checkpoints."""
 
+import json
 import os
+import re
 import shutil
 import sys
 
@@ -15,7 +17,9 @@ from conftest import REPO
 from m3ddm_jax import pretrained
 from m3ddm_jax.convert import m3ddm
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
-from m3ddm_jax.convert.sources import CheckpointReadError
+from m3ddm_jax.convert.sources import CheckpointReadError, open_state_dict
+from m3ddm_jax.convert.vae import vae_from_torch
+from m3ddm_jax.models.vae import VAEConfig
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -27,12 +31,16 @@ def flat_params(model) -> dict:
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def load_official_pair(folder):
+    """A reference folder's official state dict and its Flax conversion."""
+    sd = load_file(str(folder / "unet_tiny.safetensors"))
+    model = m3ddm.load_official(str(folder / "unet_tiny.safetensors"), str(folder / "config.json"))
+    return sd, flat_params(model)
+
+
 @pytest.fixture(scope="module")
 def official(reference_dir):
-    """The fixture's official state dict and its Flax conversion."""
-    sd = load_file(str(reference_dir / "unet_tiny.safetensors"))
-    model = m3ddm.load_official(str(reference_dir / "unet_tiny.safetensors"), str(reference_dir / "config.json"))
-    return sd, flat_params(model)
+    return load_official_pair(reference_dir)
 
 
 def write_checkpoint(folder, sd, reference_dir, fmt="safetensors"):
@@ -59,8 +67,15 @@ def test_cli_writes_a_folder_that_loads_with_one_call(tmp_path, reference_dir, o
     assert got.keys() == official[1].keys()
     for k, v in official[1].items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
-    assert weights.scheduler_config["_class_name"] == "PNDMScheduler"
-    assert weights.vae.config.block_out_channels == (8, 16, 16, 16)
+    assert weights.scheduler_config == pretrained.SD15_SCHEDULER_CONFIG  # no --scheduler-config given
+    # The VAE is the folder's: its config.json, its tensors.
+    vae_config = VAEConfig.from_diffusers(json.loads((ref / "vae_config.json").read_text()))
+    assert weights.vae.config == vae_config
+    want = flat_params(vae_from_torch(open_state_dict(str(ref / "vae_tiny.safetensors")), vae_config))
+    got = flat_params(weights.vae)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]  # no temporary left behind
     # A second conversion onto the same folder is refused rather than silently mixing outputs.
     assert convert_checkpoint.main(["m3ddm", "--src", str(ref / "unet_tiny.safetensors"), "--config",
@@ -143,11 +158,25 @@ def test_pickle_that_runs_code_is_refused(tmp_path, reference_dir):
 
 
 def test_wrong_config_for_the_weights(tmp_path, reference_dir, official):
+    """One more layer per block than the weights have: the new layers' tensors are reported missing (in every
+    block), nothing is unexpected, a shape differs only where an up block's skip inputs moved, and the
+    message counts them."""
     path = write_checkpoint(tmp_path, official[0], reference_dir)
-    (tmp_path / "config.json").write_text((reference_dir / "config.json").read_text().replace('"layers_per_block": 2',
-                                                                                             '"layers_per_block": 3'))
-    with pytest.raises(CheckpointMismatchError, match="472 missing(.|\n)*missing keys: down_blocks\\.0\\.attentions\\.2\\."):
+    config = json.loads((reference_dir / "config.json").read_text())
+    n = config["layers_per_block"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layers_per_block": n + 1}))
+    with pytest.raises(CheckpointMismatchError) as err:
         m3ddm.load_official(str(path.parent))
+    missing = err.value.missing
+    assert missing and not err.value.unexpected
+    assert [k for k, *_ in err.value.mismatched if not re.match(r"up_blocks\.\d+\.resnets\.", k)] == []
+    # Down blocks have n layers (indices 0..n-1), up blocks n + 1: the new ones are n and n + 1.
+    new_layer = re.compile(rf"^(down_blocks\.(\d+)\.(resnets|attentions)\.{n}|up_blocks\.(\d+)\.(resnets|attentions)\.{n + 1})\.")
+    assert [k for k in missing if not new_layer.match(k)] == []
+    blocks = len(config["block_out_channels"])
+    assert {k.split(".")[0] + k.split(".")[1] for k in missing} == {f"{side}_blocks{i}" for side in ("down", "up")
+                                                                      for i in range(blocks)}
+    assert re.search(rf"{len(missing)} missing(.|\n)*missing keys: ", str(err.value))
 
 
 def test_missing_files_are_named(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import VIDEOS, load_json, mux_sine
 from m3ddm_jax.video import (composite, composite_native, crop, global_frame_indices, global_frames,
-                             latent_mask, make_canvas, native_layout, official_layout, parse_ratio,
+                             latent_mask, make_canvas, native_layout, official_layout, parse_ratio, parse_ratios,
                              read_video, resize_bilinear_antialias, to_model_range, write_video)
 
 PREPROCESS = load_json("preprocess.json") or {}
@@ -56,10 +56,14 @@ def test_official_layout_matches_fixture(reference_dir, case):
     assert [list(b.hw[::-1]) for b in layout.crops] == [c["writer_size_wh"] for c in case["final_crops"]]
 
 
+def load_example(folder):
+    with np.load(folder / PREPROCESS["example_npz"]["file"]) as data:
+        return dict(data)
+
+
 @pytest.fixture(scope="module")
 def example(reference_dir):
-    with np.load(reference_dir / PREPROCESS["example_npz"]["file"]) as data:
-        return dict(data)
+    return load_example(reference_dir)
 
 
 @pytest.mark.reference
@@ -78,7 +82,15 @@ def test_official_canvas_matches_example(example):
     keep = canvas.mask == 0
     np.testing.assert_array_equal(final[:, keep], canvas.masked[:, keep])
     assert np.all(final[:, ~keep] == 7)
-    assert crop(final, layout.crops[0]).shape[1:3] == layout.crops[0].hw == (256, 144)
+    # The final crop: the first ratio's, within the truncation of its short side; the fixture's writer size
+    # where the folder records this case's crops.
+    h, w = crop(final, layout.crops[0]).shape[1:3]
+    assert (h, w) == layout.crops[0].hw
+    ratio = parse_ratios(case["target_ratio_list"])[0]
+    assert 0 <= (h * ratio - w if ratio < 1 else w / ratio - h) < 1
+    for recorded in PREPROCESS["cases"]:
+        if [recorded["input_hw"], recorded["target_ratio_list"]] == [case["input_hw"], case["target_ratio_list"]]:
+            assert [w, h] == recorded["final_crops"][0]["writer_size_wh"]
 
 
 @pytest.mark.reference
