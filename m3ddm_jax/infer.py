@@ -56,8 +56,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from m3ddm_jax import configlib, fileio, sharding
-from m3ddm_jax.outpaint import check_weights_folder
-from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.outpaint import check_layout, check_weights_folder
+from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video, write_video
 
@@ -134,9 +134,9 @@ def check_config(cfg) -> SamplerSettings:
         raise ValueError("set --config.output_dir=DIR")
     if cfg.max_frames < 0:
         raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
-    # Ratio, canvas mode and canvas size at once, on a frame of the training size.
-    make_layout((256, 256), cfg.ratio, settings.canvas_mode, canvas_size=settings.canvas_size)
     check_weights_folder(cfg.weights)
+    # Ratio, canvas mode and canvas size at once, on a frame of the training size.
+    check_layout(cfg.weights, (256, 256), cfg.ratio, settings)
     return settings
 
 

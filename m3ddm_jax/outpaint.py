@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
-from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
 from m3ddm_jax.sampling.settings import CANVAS_MODES, DTYPES, SCHEDULERS, SamplerSettings
 from m3ddm_jax.video import parse_ratio, read_video, write_video
 
@@ -61,6 +61,13 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size HEIGHTxWIDTH (e.g. 256x256)") from None
     return h, w
+
+
+def check_layout(weights: str, source_hw: tuple[int, int], ratio: str, settings: SamplerSettings) -> None:
+    """Fails fast, from the weights folder's configs alone, on a ratio or canvas its model cannot take."""
+    unet, latent = (pretrained.read_config(os.path.join(weights, sub)) for sub in (pretrained.UNET, pretrained.VAE))
+    make_layout(source_hw, ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
+                multiple=canvas_multiple(unet, latent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"output folder {out_dir} does not exist")
     video = read_video(args.input)
     try:
-        make_layout(video.frames.shape[1:3], args.ratio, settings.canvas_mode, canvas_size=settings.canvas_size)
+        check_layout(weights, video.frames.shape[1:3], args.ratio, settings)
     except ValueError as err:
         raise ValueError(f"{args.input}: {err}") from err
     outpainter = Outpainter.from_folder(weights, settings)

@@ -31,7 +31,7 @@ from m3ddm_jax import configlib, pretrained, sharding
 from m3ddm_jax.data.pipeline import make_dataset
 from m3ddm_jax.models.pixel_space import PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3DConfig
-from m3ddm_jax.sampling.pipeline import Outpainter, make_layout
+from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.training import checkpoint, export, samples
 from m3ddm_jax.training.metrics_log import MetricsLog
@@ -74,21 +74,20 @@ def check_config(cfg) -> SamplerSettings:
             raise FileNotFoundError(f"sample.videos: held-out clip {video} does not exist")
     if cfg.sample.videos:  # ratio, canvas mode and size at once, on a frame of the training size
         make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
-                    multiple=canvas_multiple(cfg))
+                    multiple=sample_canvas_multiple(cfg))
     data_config(cfg)  # data sources and batch split
     return settings
 
 
-def canvas_multiple(cfg) -> int:
-    """What the trained model's canvas sides must be multiples of (latent factor x UNet factor), from the
-    configs alone."""
+def sample_canvas_multiple(cfg) -> int:
+    """What the canvas sides of the run's samples must be multiples of, from the configs alone."""
     if cfg.latent.kind == "pixel":
         latent = PixelSpaceConfig(factor=cfg.latent.factor)
     else:
         latent = pretrained.read_config(os.path.join(cfg.latent.weights, pretrained.VAE))
     unet = (pretrained.read_config(os.path.join(cfg.init.weights, pretrained.UNET)) if cfg.init.weights
             else UNet3DConfig(**cfg.model.to_dict()))
-    return latent.downsample_factor * unet.downsample_factor
+    return canvas_multiple(unet, latent)
 
 
 def sample(cfg, settings: SamplerSettings, trainer, workdir: str, step: int) -> None:

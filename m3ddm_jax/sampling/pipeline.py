@@ -100,6 +100,12 @@ def _global_tokens(graphdef: Hashed, params, latents):
     return unet.encode_global(latents, 1), unet.encode_global(jnp.zeros_like(latents), 1)
 
 
+def canvas_multiple(unet_config, codec_config) -> int:
+    """What the canvas sides must be multiples of for a UNet and latent space: the latent factor times the
+    UNet's (64 for SD's VAE and UNet, 4 for the demo's)."""
+    return codec_config.downsample_factor * unet_config.downsample_factor
+
+
 def make_layout(source_hw: tuple[int, int], ratio: str | float, mode: str = "official", *,
                 canvas_size: int = 256, multiple: int = MODEL_MULTIPLE) -> Layout:
     """'official': the official square canvas of side <= 256, cropped to `ratio` afterwards; 'native': a
@@ -150,8 +156,7 @@ class Outpainter:
         self.vae_params = jax.device_put(vae_params, self._replicated)
         self.vae_factor = vae.config.downsample_factor
         self.latent_channels = vae.config.latent_channels
-        # Canvas sides the model takes: the latent factor times the UNet's (64 for SD's VAE and UNet).
-        self.canvas_multiple = self.vae_factor * unet.config.downsample_factor
+        self.canvas_multiple = canvas_multiple(unet.config, vae.config)
         self.max_windows_per_call = self._round_to_devices(settings.windows_per_call
                                                            or WINDOWS_PER_DEVICE * self.num_devices)
         self.vae_batch = self._round_to_devices(vae_batch)
