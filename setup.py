@@ -24,6 +24,10 @@ INSTALL = [
 # Pinned exactly: an unpinned torch pulls several GB of CUDA wheels.
 TORCH = ["torch==2.13.0"]
 
+# libtpu, at the version this jax pins: TPU runs, and ahead-of-time compilation for TPU slices on any machine
+# (tools/aot_compile.py). Without a TPU everything still runs on the CPU.
+TPU = ["jax[tpu]==0.10.2"]
+
 setup(
     name="m3ddm_jax",
     version="0.1.0",
@@ -33,6 +37,7 @@ setup(
     install_requires=INSTALL,
     extras_require={
         "torch": TORCH,
+        "tpu": TPU,
         "test": TORCH + [
             "diffusers==0.42.1",
             "transformers==5.24.0",

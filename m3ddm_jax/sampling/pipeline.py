@@ -25,19 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.unet3d import UNet3D
 from m3ddm_jax.models.vae import LatentCodec
 from m3ddm_jax.sampling.schedule import WINDOW, WindowPlan, plan_windows
 from m3ddm_jax.sampling.settings import CANVAS_MODES, SamplerSettings
-from m3ddm_jax.sampling.window import Hashed, WindowInputs, WindowSampler
+from m3ddm_jax.sampling.window import (Hashed, WindowInputs, WindowSampler, call_spec, place, window_mesh,
+                                       windows_per_call)
 from m3ddm_jax.video.canvas import (MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
                                     composite, composite_native, crop, global_frames, latent_mask, make_canvas,
                                     native_layout, official_layout, to_model_range, to_uint8)
 
-WINDOWS_PER_DEVICE = 4  # default most windows per device in one sampler call (x 3 guidance branches x 16 frames)
 Progress = Callable[[int, int], None]  # (window-steps done, window-steps in all)
 Items = Callable[[int, int], np.ndarray]  # (start, stop) -> items start..stop-1
 
@@ -133,8 +133,8 @@ class Outpainter:
     The UNet runs in the settings' compute dtype and attention kernel, whatever it was built with (a training
     UNet may carry bfloat16 and remat). Window batches are split over `devices` (default: all local devices)
     along a 1-D mesh axis 'windows'; a call holds at most `settings.windows_per_call` windows (0:
-    WINDOWS_PER_DEVICE per device) and is padded to devices x a power of two so that few shapes compile. The
-    VAE runs `vae_batch` frames per call.
+    window.WINDOWS_PER_DEVICE per device) and is padded to devices x a power of two so that few shapes
+    compile. The VAE runs `vae_batch` frames per call.
     """
 
     def __init__(self, unet: UNet3D, vae: LatentCodec, scheduler_config: dict,
@@ -146,7 +146,7 @@ class Outpainter:
                                      guidance_scale=settings.guidance_scale,
                                      global_guidance_scale=settings.global_guidance_scale,
                                      exact_branches=settings.exact_branches, loop=loop)
-        self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), ("windows",))
+        self.mesh = window_mesh(devices or jax.local_devices())
         self.num_devices = self.mesh.size
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._split = NamedSharding(self.mesh, PartitionSpec("windows"))
@@ -157,8 +157,7 @@ class Outpainter:
         self.vae_factor = vae.config.downsample_factor
         self.latent_channels = vae.config.latent_channels
         self.canvas_multiple = canvas_multiple(unet.config, vae.config)
-        self.max_windows_per_call = self._round_to_devices(settings.windows_per_call
-                                                           or WINDOWS_PER_DEVICE * self.num_devices)
+        self.max_windows_per_call = windows_per_call(settings.windows_per_call, self.num_devices)
         self.vae_batch = self._round_to_devices(vae_batch)
 
     @classmethod
@@ -242,7 +241,9 @@ class Outpainter:
                               latent_mask(pixel_mask, self.vae_factor)[None, None, :, :, None].astype(np.float32),
                               np.asarray(guide_latents, np.float32)[None], np.asarray(guide_flags, bool)[None],
                               local[None, None, 2 * f], np.asarray([fps], np.float32), cond_tokens, uncond_tokens)
-        latents = np.asarray(self.sampler(self._put(inputs, 1), noise=self._put(draws.initial_noise[None])))[0]
+        spec, noise_spec = call_spec(self.mesh, 1, local.shape[1:3], local.shape[-1], cond_tokens, frames=f)
+        noise = place(draws.initial_noise[None], noise_spec)
+        latents = np.asarray(self.sampler(place(inputs, spec), noise=noise))[0]
         return latents, self.decode(latents)
 
     # ------------------------------------------------------------------------------------- a video
@@ -304,7 +305,7 @@ class Outpainter:
         """Runs the plan's windows; returns the latent of every frame (plan.frame_sources())."""
         held = np.zeros_like(init)  # the latent each frame holds once a window has produced it: guides
         outputs = {}
-        noise = self._put(noise[None])
+        noise = noise[None]
         total, done = len(plan.windows) * self.steps, 0
         for batch in plan.batches():
             for chunk, size in self.split_batch(batch):
@@ -313,8 +314,11 @@ class Outpainter:
                 inputs = WindowInputs(init[idx], cond[idx], guide_latents=held[idx],
                                       guide_flags=np.array([w.guide_flags for w in padded]),
                                       fps=np.array([w.fps(fps) for w in padded], np.float32), **shared)
+                # Placed by the call's spec, which tools/aot_compile.py --what sample compiles.
+                spec, noise_spec = call_spec(self.mesh, size, init.shape[1:3], init.shape[-1],
+                                             shared["cond_tokens"])
                 t0 = time.perf_counter()
-                out = np.asarray(self.sampler(self._put(inputs, size), noise=noise))
+                out = np.asarray(self.sampler(place(inputs, spec), noise=place(noise, noise_spec)))
                 timings["unet"] += time.perf_counter() - t0
                 for w, latents in zip(chunk, out):
                     outputs[w.index] = latents

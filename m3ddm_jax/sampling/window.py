@@ -22,16 +22,22 @@ window's branches on one device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
+from m3ddm_jax.flops import count_flops
 from m3ddm_jax.models.unet3d import UNet3D
+from m3ddm_jax.sampling.schedule import WINDOW
 
 
 class WindowInputs(NamedTuple):
@@ -48,6 +54,65 @@ class WindowInputs(NamedTuple):
     fps: jax.Array  # (B,) the official video fps // stride; truncated to an integer like the official int64
     cond_tokens: jax.Array  # (B or 1, L, C) global-frame tokens
     uncond_tokens: jax.Array  # (B or 1, L, C) tokens of zero latents
+
+
+WINDOWS_PER_DEVICE = 4  # default most windows per device in one sampler call (x 3 branches x 16 frames)
+
+
+def window_mesh(devices) -> Mesh:
+    """The 1-D mesh ('windows') that a batch of windows is split over."""
+    return Mesh(np.asarray(list(devices)), ("windows",))
+
+
+def windows_per_call(requested: int, num_devices: int) -> int:
+    """The most windows in one sampler call: `requested` (0: WINDOWS_PER_DEVICE per device), rounded up to a
+    multiple of the devices."""
+    return num_devices * math.ceil((requested or WINDOWS_PER_DEVICE * num_devices) / num_devices)
+
+
+def call_spec(mesh: Mesh, windows: int, latent_hw: tuple[int, int], channels: int, tokens, *,
+              frames: int = WINDOW) -> tuple[WindowInputs, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of one sampler call as the Outpainter issues it, and as
+    tools/aot_compile.py compiles it: (inputs, initial noise) for `windows` windows of `frames` frames of
+    latents (h, w, channels) over a 1-D 'windows' mesh. Per-window arrays are split over the mesh when the
+    windows divide over it; the arrays every window shares (leading 1: the mask, the black frame's latent,
+    the global tokens, shaped like `tokens` (1, L, C)) and the initial noise are replicated."""
+    h, w = latent_hw
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("windows")) if windows % mesh.size == 0 else replicated
+    each = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct((windows, *shape), dtype, sharding=split)
+    shared = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct((1, *shape), dtype, sharding=replicated)
+    latents = (frames, h, w, channels)
+    token = shared(tokens.shape[1:], jax.dtypes.canonicalize_dtype(tokens.dtype))
+    inputs = WindowInputs(init_latents=each(latents), cond_latents=each(latents), mask=shared((1, h, w, 1)),
+                          guide_latents=each(latents), guide_flags=each((frames,), jnp.bool_),
+                          uncond_latent=shared((1, h, w, channels)), fps=each(()), cond_tokens=token,
+                          uncond_tokens=token)
+    return inputs, shared(latents)
+
+
+def place(values, spec):
+    """`values` (arrays in the structure of `spec`) on the devices `spec` names, widened to its dtypes (e.g.
+    the bfloat16 latents of a bfloat16 VAE: exact, and the sampler computes in float32). Another shape, or a
+    dtype that would have to narrow, is an error: the call would compile for what tools/aot_compile.py did
+    not check."""
+    def one(x, s):
+        dtype = jnp.result_type(x)
+        if np.shape(x) != s.shape or jnp.promote_types(dtype, s.dtype) != s.dtype:
+            raise ValueError(f"sampler call input {dtype}{list(np.shape(x))} does not fit its spec "
+                             f"{s.dtype}{list(s.shape)} (sampling.window.call_spec)")
+        return jax.device_put(x if dtype == s.dtype else jnp.asarray(x, s.dtype), s.sharding)
+    return jax.tree.map(one, values, spec)
+
+
+def _in_mesh(tree):
+    """jax.set_mesh over the mesh the arrays are placed on (kernels XLA cannot partition, Pallas splash
+    attention, then run per shard), or nothing for single-device arrays."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return jax.set_mesh(sharding.mesh)
+    return contextlib.nullcontext()
 
 
 def guidance_branches(scale: float, global_scale: float, exact: bool = False) -> tuple[str, ...]:
@@ -200,12 +265,25 @@ class WindowSampler:
             raise ValueError("WindowSampler: pass exactly one of noise and key")
         if noise is None:
             noise = jax.random.normal(key, inputs.init_latents.shape, jnp.float32)
-        if self.loop == "scan":
-            return _sample(self._static, self.params, inputs, noise, self.scales)
-        rows, state, latents = _start_jit(self.sampler_key, self.branches, inputs, noise)
-        for i in range(self.steps):
-            state, latents = _step_jit(self._static, self.params, rows, self.scales, state, latents, i)
-        return latents
+        with _in_mesh(inputs):
+            if self.loop == "scan":
+                return _sample(self._static, self.params, inputs, noise, self.scales)
+            rows, state, latents = _start_jit(self.sampler_key, self.branches, inputs, noise)
+            for i in range(self.steps):
+                state, latents = _step_jit(self._static, self.params, rows, self.scales, state, latents, i)
+            return latents
+
+    def lower(self, params, inputs: WindowInputs, noise):
+        """The scan-loop call lowered for abstract arguments (ShapeDtypeStructs with shardings, e.g. from
+        `call_spec`; `params` like this sampler's): what tools/aot_compile.py compiles."""
+        scales = jax.ShapeDtypeStruct(self.scales.shape, self.scales.dtype, sharding=noise.sharding)
+        with _in_mesh(inputs):
+            return _sample.lower(self._static, params, inputs, noise, scales)
+
+    def flops(self, params, inputs: WindowInputs, noise) -> int:
+        """Analytic FLOPs (m3ddm_jax.flops) of one scan-loop call, every step, for abstract arguments."""
+        scales = jax.ShapeDtypeStruct(self.scales.shape, self.scales.dtype)
+        return count_flops(lambda *args: _sample(self._static, *args), params, inputs, noise, scales)
 
     def unet_rows(self, inputs: WindowInputs, latents: jax.Array) -> tuple[jax.Array, BranchRows]:
         """The UNet input (B*k, F, h, w, 9) for `latents` and the rows' fps and tokens (for inspection)."""

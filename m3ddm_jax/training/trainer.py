@@ -127,7 +127,8 @@ def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgr
     split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
     if cfg.data.batch_size % split:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} (global) does not split over the {split} "
-                         f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split}")
+                         f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split} (e.g. "
+                         f"--config.data.batch_size={split * -(-cfg.data.batch_size // split)})")
     tx, lr_schedule = train_step.make_optimizer(cfg.optim)
     schedule = NoiseSchedule.from_config(cfg.scheduler.to_dict())
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
