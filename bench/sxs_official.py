@@ -119,7 +119,8 @@ class Worker:
                "--weights", os.path.join(args.reference, "unet_tiny.safetensors"),
                "--config", os.path.join(args.reference, "config.json"),
                "--threads", str(args.threads), "--warmup", str(args.warmup)]
-        cmd += ["--official", args.official] if side == "official" else ["--jax-repo", args.jax_repo]
+        cmd += (["--official", args.official] if side == "official"
+                else ["--jax-repo", args.jax_repo, "--attention", args.attention])
         self.side = side
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()["ready"]
@@ -237,6 +238,9 @@ def main(argv=None) -> dict:
     p.add_argument("--official-python", default=os.path.join(REF, "venv-official", "bin", "python"),
                    help="the python of the official code's virtual environment")
     p.add_argument("--jax-repo", default=REPO, help="the m3ddm_jax checkout whose model is timed")
+    p.add_argument("--attention", default="auto",
+                   help="the JAX side's attention kernel (default auto, as the sampler runs it; the checkout "
+                        "before issue 12, .ref/m3ddm_jax-HEAD, knows only xla)")
     p.add_argument("--reference", default=default_reference(),
                    help="fixture folder with config.json and unet_tiny.safetensors (official names)")
     p.add_argument("--json", help="also write the result here")
@@ -265,7 +269,7 @@ def main(argv=None) -> dict:
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {cpu_name()}, {os.cpu_count()} cores",
               "command": " ".join(["python", "bench/sxs_official.py", *argv]),
               "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "dtype": "float32",
-              "official_commit": official_commit, "jax_repo": args.jax_repo,
+              "official_commit": official_commit, "jax_repo": args.jax_repo, "attention": args.attention,
               "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
     t0 = time.perf_counter()
     result["cases"] = [run_case(name, case, args) for name, case in cases.items()]

@@ -3,6 +3,7 @@ calls on request. The driver starts it; it is not meant to be run by hand.
 
     python bench/sxs_worker.py official --inputs NPZ --weights W --config C --threads N --official REPO
     python bench/sxs_worker.py jax      --inputs NPZ --weights W --config C --threads N [--jax-repo ROOT]
+                                        [--attention auto]
 
 Only the standard library and numpy are imported at the top: the official side runs in its own virtual
 environment (torch, diffusers 0.18.2; no jax), the JAX side in the project's.
@@ -77,8 +78,9 @@ def official_side(args, inputs):
 
 
 def jax_side(args, inputs):
-    """m3ddm_jax's UNet3D, float32, jitted. 'jax': global tokens precomputed (as the sampler does once per
-    video); 'jax_with_encoding': the same encoder work inside every call as the official forward."""
+    """m3ddm_jax's UNet3D, float32, jitted, with the attention kernel `args.attention` ('auto' by default, as
+    the sampler runs it). 'jax': global tokens precomputed (as the sampler does once per video);
+    'jax_with_encoding': the same encoder work inside every call as the official forward."""
     sys.path.insert(0, args.jax_repo)
     import jax
     import jax.numpy as jnp
@@ -87,7 +89,7 @@ def jax_side(args, inputs):
     import m3ddm_jax
     from m3ddm_jax.convert import m3ddm
 
-    unet = m3ddm.load_official(args.weights, args.config)
+    unet = m3ddm.load_official(args.weights, args.config, attention_impl=args.attention)
     graphdef, state = nnx.split(unet)
     b, dc = int(inputs["b"]), int(inputs["do_classfier"])
     if dc not in (1, 2, 4):
@@ -113,7 +115,7 @@ def jax_side(args, inputs):
     tokens = jax.jit(lambda st, x: encode(nnx.merge(graphdef, st), x))(state, latents).block_until_ready()
 
     variants, info = {}, {"jax": jax.__version__, "m3ddm_jax": os.path.dirname(m3ddm_jax.__file__),
-                          "devices": str(jax.devices()), "xla": {}}
+                          "devices": str(jax.devices()), "attention": args.attention, "xla": {}}
     for name, fn, last in (("jax", forward, tokens), ("jax_with_encoding", forward_with_encoding, latents)):
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(state, sample, t, fps, last).compile()
@@ -139,6 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant before 'ready'")
     p.add_argument("--official", help="the official repository (its src/ holds the model)")
     p.add_argument("--jax-repo", default=REPO, help="the m3ddm_jax checkout to import")
+    p.add_argument("--attention", default="auto", help="the JAX side's attention kernel (a registry name)")
     args = p.parse_args(argv)
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)

@@ -69,12 +69,38 @@ def test_unknown_names_fail_at_construction_listing_the_registry():
 @pytest.mark.parametrize("impl", attention.NAMES)
 def test_attention_module_runs_every_name(impl):
     """Every name runs on this host inside the Attention module (off their platforms, kernels fall back) and
-    agrees with the reference."""
+    agrees with attention written out from the module's projections (the module folds the softmax scale
+    into its query projection)."""
     layer = Attention(16, 2, context_dim=12, rngs=nnx.Rngs(0), attention_impl=impl)
-    ref = Attention(16, 2, context_dim=12, rngs=nnx.Rngs(0), attention_impl="xla")
     x = jax.random.normal(jax.random.key(1), (2, 24, 16))
     ctx = jax.random.normal(jax.random.key(2), (2, 20, 12))
-    assert max_diff(nnx.jit(lambda m, x, c: m(x, c))(layer, x, ctx), ref(x, ctx)) <= F32_TOL
+    heads = lambda y: y.reshape(*y.shape[:-1], 2, 8)
+    want = jax.nn.dot_product_attention(heads(layer.to_q(x)), heads(layer.to_k(ctx)), heads(layer.to_v(ctx)))
+    want = layer.to_out(want.reshape(2, 24, 16))
+    assert max_diff(nnx.jit(lambda m, x, c: m(x, c))(layer, x, ctx), want) <= F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("impl", attention.NAMES)
+def test_every_kernel_matches_jax_attention_and_takes_a_scale(impl, dtype):
+    """Against jax.nn.dot_product_attention (an implementation outside the registry), at the default scale and
+    at another one; short sequences (splash off TPU and below its tiles) included."""
+    for shape in [(2, 37, 29, 2, 40), (6, 16, 16, 2, 40)]:
+        q, k, v = qkv(*shape, dtype)
+        for scale in (None, 0.3):
+            want = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            got = jax.jit(functools.partial(attention.dot_product_attention, impl=impl, scale=scale))(q, k, v)
+            assert max_diff(got, want) <= (F32_TOL if dtype == jnp.float32 else bf16_tol(want)), (shape, scale)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+def test_short_attention_matches_xla(dtype):
+    """The elementwise form for short sequences (splash's choice below its tiles at head widths under a lane
+    tile: the temporal attention)."""
+    q, k, v = qkv(24, 16, 16, 2, 40, dtype)
+    want = attention.xla_attention(q, k, v)
+    assert max_diff(jax.jit(attention.short_attention)(q, k, v), want) <= (
+        F32_TOL if dtype == jnp.float32 else bf16_tol(want))
 
 
 # ------------------------------------------------------------------------------------------- chunked
@@ -155,11 +181,12 @@ def test_splash_interpret_matches_xla(case):
     assert max_diff(got, want) <= (F32_TOL if dtype == jnp.float32 else bf16_tol(want))
 
 
-def test_splash_runs_xla_for_short_sequences_and_off_tpu():
-    q, k, v = qkv(2, 16, 16, 2, 40)  # temporal attention over 16 frames
+def test_splash_runs_short_attention_or_xla_for_short_sequences_and_xla_off_tpu():
     assert attention.SPLASH_MIN_LEN > 16
-    want = attention.xla_attention(q, k, v)
-    assert jnp.array_equal(attention.splash_kernel_attention(q, k, v), want)
+    q, k, v = qkv(2, 16, 16, 2, 40)  # temporal attention over 16 frames, head_dim under a lane tile
+    assert jnp.array_equal(attention.splash_kernel_attention(q, k, v), attention.short_attention(q, k, v))
+    q, k, v = qkv(2, 16, 16, 2, 160)  # the deepest levels: head_dim 160
+    assert jnp.array_equal(attention.splash_kernel_attention(q, k, v), attention.xla_attention(q, k, v))
     q, k, v = qkv(1, 256, 256, 2, 40)
     assert jnp.array_equal(jax.jit(attention.splash_attention)(q, k, v), jax.jit(attention.xla_attention)(q, k, v))
 
