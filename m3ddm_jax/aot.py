@@ -144,9 +144,12 @@ class Program:
     what: str
     fn: Any
     args: tuple
-    model_flops: Callable[[], int]  # of one call, all devices, without recomputation (remat)
+    model_flops: Callable[[], int]  # of one cost unit, all devices used, without recomputation (remat)
     notes: list[str]
     details: dict
+    # What the compiler's cost analysis covers: it counts a loop body once, so for the sampler's scan its
+    # FLOPs and bytes are those of one denoising step, not of the call.
+    cost_unit: str = "call"
 
     def lower(self):
         return self.fn.lower(*self.args)
@@ -271,8 +274,8 @@ def sample_program(cfg, tpu: Slice) -> Program:
                "dtype": unet.config.dtype, "attention": unet.config.attention_impl,
                "params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
                "argument_bytes": {"params": device_bytes(params), "inputs": device_bytes((inputs, noise))}}
-    return Program("sample", sampler, (params, inputs, noise), lambda: plain.flops(params, inputs, noise), notes,
-                   details)
+    return Program("sample", sampler, (params, inputs, noise),
+                   lambda: plain.flops(params, inputs, noise) / sampler.steps, notes, details, "denoising step")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -356,11 +359,12 @@ def compile_program(program: Program, tpu: Slice) -> tuple[Any, dict]:
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bandwidth
     roofline = max(compute_s, memory_s)
-    model_flops = program.model_flops() / len(tpu.devices)
+    model_flops = program.model_flops() / program.details.get("devices_used", len(tpu.devices))
     report.update(
-        fits=sizes["total"] <= chip.usable_hbm_bytes, flops_per_device=flops, bytes_accessed_per_device=accessed,
-        model_flops_per_device=model_flops, compute_s=compute_s, memory_s=memory_s, roofline_s=roofline,
-        bound="compute" if compute_s >= memory_s else "memory",
+        fits=sizes["total"] <= chip.usable_hbm_bytes, cost_unit=program.cost_unit, flops_per_device=flops,
+        bytes_accessed_per_device=accessed, model_flops_per_device=model_flops,
+        model_flop_per_byte=model_flops / accessed if accessed else None, compute_s=compute_s,
+        memory_s=memory_s, roofline_s=roofline, bound="compute" if compute_s >= memory_s else "memory",
         mfu_ceiling=model_flops / chip.peak_flops / roofline if roofline else None)
     if not report["fits"]:
         raise DoesNotFit(f"{program.what} does not fit on {tpu.topology}: its plan needs "

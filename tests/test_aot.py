@@ -110,6 +110,10 @@ def sample_report(topology: str, per_call: int = 0) -> dict:
     local = sum(d.process_index == 0 for d in tpu.devices)  # the Outpainter runs on one host's chips
     assert report["devices_used"] == local and report["windows"] == windows_per_call(per_call, local)
     assert report["branches"] == 3 and report["steps"] == cfg.sampler.steps and report["processes"] == 2
+    # The compiler counts the scan body once: its FLOPs and the analytic ones both cover one denoising step
+    # on one device (at tiny shapes attention runs as XLA, which the compiler counts too).
+    assert report["cost_unit"] == "denoising step"
+    assert 0.8 <= report["flops_per_device"] / report["model_flops_per_device"] <= 2
     return report
 
 

@@ -68,10 +68,11 @@ def table(report: dict) -> str:
         rows.append(("memory/device", f"arguments {_size(b['arguments'])} + output {_size(b['output'])} - alias "
                                       f"{_size(b['alias'])} + temp {_size(b['temp'])} = {_size(b['total'])} {limit}"))
         rows.append(("arguments hold", ", ".join(f"{k} {_size(v)}" for k, v in report["argument_bytes"].items())))
-        rows.append(("FLOPs/device", f"{report['flops_per_device']:.4g} compiled, "
+        rows.append(("FLOPs/device", f"per {report['cost_unit']}: {report['flops_per_device']:.4g} compiled, "
                                      f"{report['model_flops_per_device']:.4g} model (no recompute)"))
-        rows.append(("bytes accessed", f"{report['bytes_accessed_per_device']:.4g} per device"))
-        rows.append(("roofline", f"{report['roofline_s'] * 1e3:.4g} ms per call ({report['bound']}-bound: compute "
+        rows.append(("bytes accessed", f"{report['bytes_accessed_per_device']:.4g} per device "
+                                       f"({report['model_flop_per_byte']:.4g} model FLOP per byte)"))
+        rows.append(("roofline", f"{report['roofline_s'] * 1e3:.4g} ms per {report['cost_unit']} ({report['bound']}-bound: compute "
                                  f"{report['compute_s'] * 1e3:.4g} ms, memory {report['memory_s'] * 1e3:.4g} ms); "
                                  f"MFU ceiling {100 * report['mfu_ceiling']:.3g}%"))
     else:
