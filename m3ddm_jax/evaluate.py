@@ -27,14 +27,17 @@ Protocol (horizontal outpainting, as in the paper's DAVIS / YouTube-VOS tables):
   16 frames are left out of FVD), I3D logits, Fréchet distance between the ground-truth and the generated
   clip sets. Each ratio is reported on its own, and the 'average' row is the mean of the ratios' rows.
   PSNR is +inf for identical frames (JSON: Infinity).
+* Baseline: the TELEA init, each frame's bands filled by OpenCV's TELEA inpainting from the known centre (what
+  the sampler starts from where the canvas is the frame size), scored the same way (no FVD), for the same
+  videos and bands: the report's `telea` rows.
 * LPIPS and FVD need weight files (metrics.lpips_lin + metrics.alexnet, metrics.i3d; see
   m3ddm_jax.metrics.weights); with an empty path the metric is skipped and the report says so.
 
-Output folder: per_video/<video>/<ratio>.json (scores and I3D features) is written as each (video, ratio)
-finishes; a later run with the same settings skips it (resume). A video that fails (unreadable, wrong
-sizes, missing prediction, ...) is logged, recorded in per_video/<video>/error.json and listed in the
+Output folder: per_video/<video>/<ratio>.json (scores, the TELEA baseline's and I3D features) is written
+as each (video, ratio) finishes; a later run with the same settings skips it (resume). A video that fails
+(unreadable, wrong sizes, missing prediction, ...) is logged, recorded in per_video/<video>/error.json and listed in the
 report; it is retried on the next run. Finally results.json and results.md (one table: a row per ratio and
-the average). Writes are atomic.
+the average, then the same for the TELEA baseline). Writes are atomic.
 
 Multi-host: with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set on every host (a shared
 output folder), the videos are split by jax.process_index(); process 0 writes the tables once every host
@@ -69,6 +72,7 @@ from m3ddm_jax import configlib, fileio, metrics, sharding
 from m3ddm_jax.outpaint import check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
+from m3ddm_jax.video.canvas import telea_fill
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video
 
 log = logging.getLogger("m3ddm_jax.evaluate")
@@ -78,6 +82,7 @@ IMAGE_METRICS = ("psnr", "ssim", "psnr_generated", "ssim_generated", "lpips")
 TABLE = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("psnr_generated", "PSNR gen.", 2),
          ("ssim_generated", "SSIM gen.", 4), ("lpips", "LPIPS", 4), ("fvd", "FVD", 1))
 PER_VIDEO, ERROR_FILE = "per_video", "error.json"
+TELEA = "telea"  # a record's and the report's scores of the TELEA baseline (telea_bands) on the same bands
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -162,6 +167,30 @@ def ratio_key(ratio: float) -> str:
     return f"{ratio:g}"
 
 
+def video_key(seed: int, name: str) -> jax.Array:
+    """Each video its own draws, from the seed and its name: a result does not depend on the other videos."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
+
+
+def outpaint_bands(outpainter: Outpainter, frames: np.ndarray, fps: float, band: int, key: jax.Array,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The model's result for one video: its known centre (H, W - 2 band) outpainted back to W:H."""
+    h, w = frames.shape[1:3]
+    out = outpainter.outpaint(frames[:, :, band:w - band], fps, Fraction(w, h), key=key, progress=progress).frames
+    if out.shape != frames.shape:
+        raise ValueError(f"canvas_mode={outpainter.settings.canvas_mode!r} gives {out.shape[1]}x{out.shape[2]} "
+                         f"frames for a {h}x{w} video; use canvas_mode='native' (or 256x256 frames for 'official')")
+    return out
+
+
+def telea_bands(frames: np.ndarray, band: int) -> np.ndarray:
+    """The TELEA baseline for one video: its bands filled by OpenCV's TELEA inpainting from the known centre,
+    at the frame size. It is the init the sampler starts from where the canvas is the frame size (the
+    official canvas's fill: m3ddm_jax.video.canvas.telea_fill)."""
+    mask = generated_mask(frames.shape[1:3], band)
+    return telea_fill(np.where(mask[None, :, :, None], 0, frames).astype(np.uint8), mask)
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 
@@ -198,12 +227,11 @@ class Scorer:
 
     def frame_scores(self, pred: np.ndarray, target: np.ndarray, band: int) -> dict[str, float]:
         """Mean over frames of each image metric."""
-        mask = generated_mask(target.shape[1:3], band)
-        scores = _chunked(lambda p, t: _image_scores(p, t, mask), pred, target, batch=self.batch)
+        scores = image_scores(pred, target, band, batch=self.batch)
         if self.lpips is not None:
-            scores.update(_chunked(lambda p, t: {"lpips": _lpips_scores(self.lpips, p, t)}, pred, target,
-                                   batch=self.batch))
-        return {k: float(np.mean(v)) for k, v in scores.items()}
+            lpips = _chunked(lambda p, t: {"lpips": _lpips_scores(self.lpips, p, t)}, pred, target, batch=self.batch)
+            scores["lpips"] = float(np.mean(lpips["lpips"]))
+        return scores
 
     def clip_features(self, frames: np.ndarray) -> list[float] | None:
         """I3D logits of the video's 16-frame FVD clip; None without I3D or for a shorter video."""
@@ -211,6 +239,14 @@ class Scorer:
             return None
         clip = frames[metrics.clip_indices(len(frames))][None].astype(np.float32) / 255
         return np.asarray(metrics.video_features(self.i3d, clip))[0].tolist()
+
+
+def image_scores(pred: np.ndarray, target: np.ndarray, band: int, *, batch: int = 8) -> dict[str, float]:
+    """PSNR and SSIM of uint8 frames (n, H, W, 3), over the whole frame and over the generated bands of
+    `band` pixels (`*_generated`), each the mean over frames."""
+    mask = generated_mask(target.shape[1:3], band)
+    scores = _chunked(lambda p, t: _image_scores(p, t, mask), pred, target, batch=batch)
+    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 def _chunked(fn, pred: np.ndarray, target: np.ndarray, *, batch: int) -> dict[str, np.ndarray]:
@@ -245,20 +281,29 @@ def _read_json(path: pathlib.Path):
 
 def _cached(path: pathlib.Path, settings: dict) -> dict | None:
     record = _read_json(path)
-    return record if record is not None and record.get("settings") == settings else None
+    return record if record is not None and record.get("settings") == settings and TELEA in record else None
+
+
+def _image_means(records: list[dict]) -> dict[str, float]:
+    return {metric: float(np.mean([rec[metric] for rec in records])) for metric in IMAGE_METRICS
+            if records and metric in records[0]}
+
+
+def _average(rows: dict[str, dict]) -> dict[str, float]:
+    return {metric: float(np.mean([row[metric] for row in rows.values()])) for metric, *_ in TABLE
+            if all(metric in row for row in rows.values())}
 
 
 def summarize(per_video: dict[str, dict[str, dict]], failed: dict[str, str], ratios: list[float],
               skipped: dict[str, str], settings: dict) -> dict:
-    """The report: per-ratio means over videos, FVD per ratio, their average over ratios."""
-    rows, notes = {}, dict(skipped)
+    """The report: per-ratio means over videos, FVD per ratio, their average over ratios; and the same image
+    metrics of the TELEA baseline on the same bands (`telea`)."""
+    rows, telea, notes = {}, {}, dict(skipped)
     for r in ratios:
         key = ratio_key(r)
         records = [per_video[name][key] for name in sorted(per_video)]
-        row = {"videos": len(records)}
-        for metric in IMAGE_METRICS:
-            if records and metric not in skipped:
-                row[metric] = float(np.mean([rec[metric] for rec in records]))
+        row = {"videos": len(records), **_image_means(records)}
+        telea[key] = {"videos": len(records), **_image_means([rec[TELEA] for rec in records])}
         if "fvd" not in skipped:
             pairs = [rec["i3d"] for rec in records if rec.get("i3d")]
             if len(pairs) >= 2:
@@ -268,15 +313,14 @@ def summarize(per_video: dict[str, dict[str, dict]], failed: dict[str, str], rat
             else:
                 notes["fvd"] = f"needs at least 2 videos of >= {metrics.CLIP_FRAMES} frames; {len(pairs)} scored"
         rows[key] = row
-    average = {metric: float(np.mean([row[metric] for row in rows.values()])) for metric, *_ in TABLE
-               if all(metric in row for row in rows.values())}
     protocol = {"mask_ratios": ratios, "band": "round(ratio * width / 2) pixels per side",
                 "ranges": {"psnr, ssim, fvd": "[0, 1]", "lpips": "[-1, 1]"},
                 "means": "per video over frames, then over videos; average: over ratios"}
     return {"protocol": protocol,
-            "settings": settings, "ratios": rows, "average": average, "skipped_metrics": notes,
+            "settings": settings, "ratios": rows, "average": _average(rows),
+            TELEA: {"ratios": telea, "average": _average(telea)}, "skipped_metrics": notes,
             "videos": sorted(per_video), "failed_videos": failed,
-            "per_video": {name: {k: {m: v for m, v in rec.items() if m in IMAGE_METRICS}
+            "per_video": {name: {k: {**{m: v for m, v in rec.items() if m in IMAGE_METRICS}, TELEA: rec[TELEA]}
                                  for k, rec in per_video[name].items()} for name in sorted(per_video)}}
 
 
@@ -294,10 +338,14 @@ def markdown(results: dict) -> str:
     lines = ["# Outpainting evaluation", "",
              f"{of} on {s['videos']}: {len(results['videos'])} videos scored, {len(results['failed_videos'])} "
              f"failed; {size} frames. Horizontal outpainting: mask ratio r generates round(r W / 2) pixels on each "
-             f"side. PSNR, SSIM, FVD on [0, 1], LPIPS on [-1, 1]; 'gen.' = the generated bands only.", "",
+             f"side. PSNR, SSIM, FVD on [0, 1], LPIPS on [-1, 1]; 'gen.' = the generated bands only. 'TELEA "
+             f"init': the same bands filled by OpenCV's TELEA inpainting (what the sampler starts from).", "",
              "| mask ratio | videos | " + " | ".join(c[1] for c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
-    for key, row in [*results["ratios"].items(), ("average", results["average"])]:
+    telea = results[TELEA]
+    for key, row in [*results["ratios"].items(), ("average", results["average"]),
+                     *((f"{k} TELEA init", v) for k, v in telea["ratios"].items()),
+                     ("average TELEA init", telea["average"])]:
         videos = row.get("videos", "")
         lines.append(f"| {key} | {videos} | " + " | ".join(cell(row, m, d) for m, _, d in columns) + " |")
     if results["skipped_metrics"]:
@@ -363,15 +411,7 @@ class _Generator:
             return self._prediction(name, ratio, frames.shape)
         if self._outpainter is None:
             self._outpainter = Outpainter.from_folder(cfg.weights, self.settings)
-        h, w = frames.shape[1:3]
-        # Each video its own draws, from the seed and its name: a result does not depend on the other videos.
-        key = jax.random.fold_in(jax.random.key(self.settings.seed), zlib.crc32(name.encode()))
-        out = self._outpainter.outpaint(frames[:, :, band:w - band], fps, Fraction(w, h), key=key,
-                                        progress=progress).frames
-        if out.shape != frames.shape:
-            raise ValueError(f"canvas_mode={self.settings.canvas_mode!r} gives {out.shape[1]}x{out.shape[2]} frames for a "
-                             f"{h}x{w} video; use canvas_mode='native' (or 256x256 frames for 'official')")
-        return out
+        return outpaint_bands(self._outpainter, frames, fps, band, video_key(self.settings.seed, name), progress)
 
     def _prediction(self, name: str, ratio: float, shape: tuple) -> np.ndarray:
         key = ratio_key(ratio)
@@ -407,7 +447,8 @@ def _score_video(cfg, src: Source, ratios: list[float], folder: pathlib.Path, se
         result = generate(src.name, frames, fps, r, band,
                           lambda done, total: bar.set_postfix_str(f"{src.name} @ {r:g}: {done}/{total} window-steps"))
         record = {"video": src.name, "mask_ratio": r, "frames": len(frames), "size": list(frames.shape[1:3]),
-                  "band": band, "settings": settings, **scorer.frame_scores(result, frames, band)}
+                  "band": band, "settings": settings, **scorer.frame_scores(result, frames, band),
+                  TELEA: scorer.frame_scores(telea_bands(frames, band), frames, band)}
         if real is not None:
             record["i3d"] = {"real": real, "fake": scorer.clip_features(result)}
         if cfg.save_outputs:

@@ -48,7 +48,8 @@ def check_weights_folder(folder: str | None) -> str:
 
 
 # flag -> SamplerSettings field; the defaults and the checks are the settings'.
-SETTINGS_FLAGS = {"seed": "seed", "steps": "steps", "mode": "canvas_mode", "canvas_size": "canvas_size",
+SETTINGS_FLAGS = {"seed": "seed", "steps": "steps", "strength": "strength", "mode": "canvas_mode",
+                  "canvas_size": "canvas_size",
                   "global_size": "global_size", "guidance": "guidance_scale",
                   "global_guidance": "global_guidance_scale", "scheduler": "scheduler", "dtype": "dtype",
                   "attention": "attention", "windows_per_call": "windows_per_call",
@@ -80,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=f"weights folder (default ${WEIGHTS_ENV})")
     p.add_argument("--seed", type=int, help=f"seeds every random draw (default {d.seed})")
     p.add_argument("--steps", type=int, help=f"denoising steps per window (default {d.steps}, as officially)")
+    p.add_argument("--strength", type=float, help="start partway: from the TELEA-inpainted init noised to the last "
+                                                  f"strength x steps timesteps (img2img; default {d.strength:g}: "
+                                                  "from noise, as officially)")
     p.add_argument("--mode", choices=CANVAS_MODES, help=f"canvas mode (default {d.canvas_mode})")
     p.add_argument("--canvas-size", type=int, help="native mode: the canvas's long side in pixels, a multiple of "
                                                    f"64 (default {d.canvas_size})")

@@ -17,6 +17,7 @@ from m3ddm_jax import configlib, evaluate
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.video import read_video
+from m3ddm_jax.video.canvas import TELEA_RADIUS
 
 ASSETS = REPO / "assets" / "videos"  # CC BY 3.0 / CC0 clips; see SOURCES.md there
 
@@ -88,6 +89,17 @@ def test_end_to_end(first_run, videos):
                           for p in sorted((out / "outputs" / key / "water").iterdir())])
         np.testing.assert_array_equal(saved[:, :, band:128 - band], gt[:, :, band:128 - band])
         assert np.abs(saved[:, :, :band].astype(int) - gt[:, :, :band]).mean() > 1  # generated, not copied
+        # The TELEA baseline of the same bands: OpenCV's inpainting of each frame from its centre.
+        mask = np.zeros((64, 128), np.uint8)
+        mask[:, :band] = mask[:, 128 - band:] = 1
+        telea = np.stack([cv2.inpaint(f * (1 - mask[..., None]), mask, TELEA_RADIUS, cv2.INPAINT_TELEA) for f in gt])
+        expected = evaluate.image_scores(telea, gt, band)
+        assert {k: record["telea"][k] for k in expected} == pytest.approx(expected) and "lpips" in record["telea"]
+        assert record["telea"]["psnr"] > record["telea"]["psnr_generated"]
+    telea = results["telea"]
+    assert set(telea["ratios"]) == {"0.25", "0.66"} and all(np.isfinite(v) for v in telea["average"].values())
+    for row in ("| 0.25 TELEA init | 2 |", "| 0.66 TELEA init | 2 |", "| average TELEA init |"):
+        assert row in table
 
 
 def test_resume_does_no_outpainting(first_run, monkeypatch):

@@ -183,3 +183,102 @@ def test_official_pipeline_run_is_reproduced(reference_dir, run):
     for i, (ours, ref) in enumerate(zip(latents, data["latents_per_step"], strict=True)):
         assert rel_err(ours, ref) < 1e-5, f"step {i}"
     assert rel_err(latents[-1], data["out_latents"]) < 1e-5
+
+
+# ------------------------------------------------------------ v-prediction, zero terminal SNR, trailing, strength
+
+V_CONFIGS = {
+    "v": {**LINEAR_CONFIG, "prediction_type": "v_prediction"},
+    "v-zero-snr-trailing": {**LINEAR_CONFIG, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                            "beta_end": 0.012, "set_alpha_to_one": False, "prediction_type": "v_prediction",
+                            "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+}
+
+
+@pytest.fixture(params=sorted(V_CONFIGS))
+def v_config(request):
+    return V_CONFIGS[request.param]
+
+
+def test_v_schedule_matches_diffusers(v_config, diffusers):
+    """alphas_cumprod (zero-SNR rescaling included), the v target (get_velocity) and the implied noise."""
+    schedule = NoiseSchedule.from_config(v_config)
+    ref = diffusers.DDPMScheduler.from_config(v_config)
+    np.testing.assert_allclose(schedule.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-7)
+    if v_config.get("rescale_betas_zero_snr"):
+        assert schedule.alphas_cumprod[-1] == 0 and schedule.snr(len(schedule.alphas_cumprod) - 1) == 0
+    rng = np.random.default_rng(1)
+    x0, noise = rng.standard_normal((2, 3) + SHAPE, np.float32)
+    t = np.array([0, 500, 999])
+    v = schedule.training_target(x0, noise, jnp.asarray(t))
+    ref_v = ref.get_velocity(as_torch(x0), as_torch(noise), as_torch(t)).numpy()
+    assert rel_err(v, ref_v) < 1e-5
+    xt = schedule.add_noise(x0, noise, jnp.asarray(t))
+    assert rel_err(schedule.predicted_noise(xt, v, jnp.asarray(t)), noise) < 1e-5
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_ddim_v_prediction_matches_diffusers(v_config, diffusers, steps):
+    """Timesteps (leading or trailing spacing) and every step on a v prediction, from the zero-SNR t = T - 1."""
+    ref_sched = diffusers.DDIMScheduler.from_config(v_config, clip_sample=False)
+    ref_sched.set_timesteps(steps)
+    sampler = DDIM.create(NoiseSchedule.from_config(v_config), steps)
+    np.testing.assert_array_equal(sampler.timesteps, ref_sched.timesteps.numpy())
+    x, v_seq = random_sequence(300 + steps, steps)
+    ref, ref_x = [], as_torch(x)
+    for t, v in zip(ref_sched.timesteps, v_seq):
+        ref_x = ref_sched.step(as_torch(v), t, ref_x).prev_sample
+        ref.append(ref_x.numpy())
+    for i, (a, b) in enumerate(zip(run_ours(sampler, x, v_seq), ref)):
+        assert rel_err(a, b) < 1e-5, f"call {i}"
+
+
+def test_trailing_timesteps_match_diffusers(diffusers):
+    config = {**LINEAR_CONFIG, "timestep_spacing": "trailing"}
+    schedule = NoiseSchedule.from_config(config)
+    for steps in (1, 7, 25, 50, 1000):
+        ref = diffusers.DDIMScheduler.from_config(config)
+        ref.set_timesteps(steps)
+        np.testing.assert_array_equal(schedule.inference_timesteps(steps), ref.timesteps.numpy())
+
+
+@pytest.mark.parametrize("kind", ["pndm", "ddim"])
+@pytest.mark.parametrize("steps, strength", [(25, 0.6), (10, 0.35), (50, 0.999)])
+def test_strength_keeps_img2img_timesteps(diffusers, kind, steps, strength):
+    """strength s keeps the last floor(s n) inference timesteps (diffusers' img2img get_timesteps) and steps
+    exactly as the full sampler does from there; s = 1 is the full sampler."""
+    schedule = NoiseSchedule.from_config(LINEAR_CONFIG)
+    full = make_sampler(kind, schedule, steps, m3ddm_quirk=False)
+    np.testing.assert_array_equal(make_sampler(kind, schedule, steps, m3ddm_quirk=False, strength=1.0).timesteps,
+                                  full.timesteps)
+    ref = diffusers.DDIMScheduler.from_config(LINEAR_CONFIG)
+    ref.set_timesteps(steps)
+    keep = min(int(steps * strength), steps)
+    expected = ref.timesteps[steps - keep:].numpy()
+    part = make_sampler(kind, schedule, steps, m3ddm_quirk=False, strength=strength)
+    if kind == "ddim":
+        np.testing.assert_array_equal(part.timesteps, expected)
+        x, eps_seq = random_sequence(7, len(full.timesteps))
+        skip = len(full.timesteps) - len(part.timesteps)
+        np.testing.assert_allclose(run_ours(part, x, eps_seq[skip:])[-1],
+                                   run_ours(DDIM(*(f[skip:] for f in (full.timesteps, full.sample_coef, full.eps_coef,
+                                                                    full.noise_std)), full.eta),
+                                            x, eps_seq[skip:])[-1], rtol=1e-6)
+    else:  # PNDM's list repeats its second timestep; the kept part starts at the img2img start
+        assert part.start_timestep == expected[0] and part.timesteps[-1] == expected[-1]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**LINEAR_CONFIG, "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr needs prediction_type 'v_prediction'"),
+    ({**LINEAR_CONFIG, "prediction_type": "sample"}, "prediction_type 'sample' is not supported"),
+    ({**LINEAR_CONFIG, "timestep_spacing": "linspace"}, "timestep_spacing 'linspace' is not supported"),
+])
+def test_bad_schedule_config_is_named(config, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_config(config)
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.5, 1.5, 0.01])
+def test_bad_strength_is_named(strength):
+    with pytest.raises(ValueError, match="strength"):
+        make_sampler("ddim", NoiseSchedule.from_config(LINEAR_CONFIG), 25, strength=strength)

@@ -204,6 +204,28 @@ def _fresh_values(entries: list[Entry], seed: int) -> dict[tuple, np.ndarray]:
     return values
 
 
+# The rules above that start M3DDM's temporal layers and fps conditioning as the identity: each frame goes
+# through the UNet as through its 2D layers alone.
+_IDENTITY_START_RULES = tuple(r for r in _RULES if "temporal_conv" in r[0] or "fps_emb_proj" in r[0])
+
+
+def identity_start(unet: UNet3D) -> UNet3D:
+    """Sets `unet`'s temporal convs and proj_in2 to the identity, and proj_out2 and the fps projections to
+    zero, in place, as inflation starts them (the rules above); every other tensor keeps its value. For a
+    UNet trained from scratch ("identity start"): it begins as a per-frame 2D UNet, and the temporal layers
+    learn from there."""
+    state = nnx.state(unet, nnx.Param)
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        init = _first(_IDENTITY_START_RULES, ".".join(map(str, path)))
+        if init is not None:
+            value = _identity(tuple(var.shape)) if init == "identity" else np.zeros(var.shape, np.float32)
+            var = var.replace(jnp.asarray(value, var.get_value().dtype))
+        leaves.append((path, var))
+    nnx.update(unet, nnx.from_flat_state(leaves))
+    return unet
+
+
 def inflate(sd_unet: UNet3D, config: UNet3DConfig | None = None, *, seed: int = 0) -> tuple[UNet3D, list[Entry]]:
     """The initial M3DDM UNet from an SD UNet (2D mode), and the plan it followed.
 

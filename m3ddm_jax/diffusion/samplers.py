@@ -6,7 +6,13 @@ Every sampler offers
   timesteps       the t given to the UNet at call i (int64 array, one entry per call),
   start_timestep  the noise level of the starting latent; M3DDM starts from add_noise(x0, noise, t) with it,
   init_state(sample, key=None) -> state,
-  step(state, sample, eps, i) -> (state, prev_sample): the pure update after call i with noise prediction eps.
+  step(state, sample, eps, i) -> (state, prev_sample): the pure update after call i with the UNet's
+                  prediction (noise, or v: the schedule's prediction_type; the coefficient tables take it in).
+
+`strength` s in (0, 1] starts partway, as img2img does: of the n timesteps the sampler keeps the last
+floor(s·n) (diffusers' img2img rule; the step size stays that of n steps) and runs its loop over them (PNDM:
+its warm-up, and the M3DDM quirk, on the kept ones), so M3DDM's start latent, the noised TELEA-inpainted
+init, keeps more of the init. s = 1 is the usual full loop.
 """
 
 from __future__ import annotations
@@ -57,10 +63,12 @@ class PNDM:
     eps_weights: np.ndarray  # (calls, 4) rows of _PLMS_WEIGHTS
 
     @classmethod
-    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, m3ddm_quirk: bool = True) -> PNDM:
-        if m3ddm_quirk and num_inference_steps < 2:
-            raise ValueError("the M3DDM PNDM loop needs num_inference_steps >= 2")
-        t = schedule.leading_timesteps(num_inference_steps)
+    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, m3ddm_quirk: bool = True,
+               strength: float = 1.0) -> PNDM:
+        t = _strength_timesteps(schedule, num_inference_steps, strength)
+        if m3ddm_quirk and len(t) < 2:
+            raise ValueError(f"the M3DDM PNDM loop needs at least 2 timesteps; {num_inference_steps} steps at "
+                             f"strength {strength} keep {len(t)}")
         plms = np.concatenate([t[:1], t[1:2], t[1:]])  # diffusers' list: the second timestep twice
         calls = plms[1:] if m3ddm_quirk else plms
         k = schedule.num_train_timesteps // num_inference_steps
@@ -98,7 +106,7 @@ class DDIMState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DDIM:
-    """diffusers' DDIMScheduler (epsilon prediction, no clipping): n calls at the "leading" timesteps.
+    """diffusers' DDIMScheduler (no clipping): n calls at the schedule's inference timesteps.
     eta = 0 is deterministic; eta > 0 adds eta-scaled posterior noise, drawn from the state's key or
     given to step()."""
 
@@ -109,8 +117,9 @@ class DDIM:
     eta: float
 
     @classmethod
-    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, eta: float = 0.0) -> DDIM:
-        t = schedule.leading_timesteps(num_inference_steps)
+    def create(cls, schedule: NoiseSchedule, num_inference_steps: int, eta: float = 0.0,
+               strength: float = 1.0) -> DDIM:
+        t = _strength_timesteps(schedule, num_inference_steps, strength)
         k = schedule.num_train_timesteps // num_inference_steps
         return cls(t, *schedule.ddim_update(t, t - k, eta), float(eta))
 
@@ -136,12 +145,24 @@ class DDIM:
         return state, prev.astype(sample.dtype)
 
 
+def _strength_timesteps(schedule: NoiseSchedule, num_inference_steps: int, strength: float) -> np.ndarray:
+    """The last floor(strength·n) of the n inference timesteps (diffusers' img2img rule)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    t = schedule.inference_timesteps(num_inference_steps)
+    keep = int(num_inference_steps * strength)
+    if keep < 1:
+        raise ValueError(f"strength {strength} of {num_inference_steps} steps keeps no step")
+    return t[num_inference_steps - keep:]
+
+
 def make_sampler(
-    kind: str, schedule: NoiseSchedule, num_inference_steps: int, *, m3ddm_quirk: bool = True, eta: float = 0.0
+    kind: str, schedule: NoiseSchedule, num_inference_steps: int, *, m3ddm_quirk: bool = True, eta: float = 0.0,
+    strength: float = 1.0,
 ) -> PNDM | DDIM:
-    """kind 'pndm' (m3ddm_quirk applies) or 'ddim' (eta applies)."""
+    """kind 'pndm' (m3ddm_quirk applies) or 'ddim' (eta applies), starting at `strength`."""
     if kind == "pndm":
-        return PNDM.create(schedule, num_inference_steps, m3ddm_quirk)
+        return PNDM.create(schedule, num_inference_steps, m3ddm_quirk, strength)
     if kind == "ddim":
-        return DDIM.create(schedule, num_inference_steps, eta)
+        return DDIM.create(schedule, num_inference_steps, eta, strength)
     raise ValueError(f"unknown sampler {kind!r} (use 'pndm' or 'ddim')")

@@ -145,7 +145,7 @@ class Outpainter:
         self.sampler = WindowSampler(unet, scheduler_config, steps=settings.steps, scheduler=settings.scheduler,
                                      guidance_scale=settings.guidance_scale,
                                      global_guidance_scale=settings.global_guidance_scale,
-                                     exact_branches=settings.exact_branches, loop=loop)
+                                     exact_branches=settings.exact_branches, loop=loop, strength=settings.strength)
         self.mesh = window_mesh(devices or jax.local_devices())
         self.num_devices = self.mesh.size
         self._replicated = NamedSharding(self.mesh, PartitionSpec())

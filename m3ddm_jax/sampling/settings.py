@@ -21,6 +21,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 class SamplerSettings:
     steps: int = 50  # denoising steps per window
     scheduler: str = "pndm"  # pndm (the official loop, quirk included) | ddim
+    # 1: start from noise, as officially; s < 1: start partway, from the TELEA-inpainted init noised to the
+    # last floor(s * steps) timesteps, as img2img does (m3ddm_jax/diffusion/samplers.py)
+    strength: float = 1.0
     guidance_scale: float = 2.0  # the masked-frame condition (official guidance_scale)
     global_guidance_scale: float = 4.0  # the global-frame condition (official previous_guidance_scale); <= 1: 2-way
     exact_branches: bool = False  # also evaluate the 4th branch the official code computes and discards
@@ -40,6 +43,8 @@ class SamplerSettings:
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.scheduler in SCHEDULERS, f"scheduler={self.scheduler!r}; expected one of {SCHEDULERS}"),
+            (0 < self.strength <= 1 and int(self.steps * self.strength) >= 1,
+             f"strength must be in (0, 1] and keep at least one of the {self.steps} steps, got {self.strength}"),
             (self.windows_per_call >= 0, f"windows_per_call must be >= 0 (0: the default), got {self.windows_per_call}"),
             (self.canvas_mode in CANVAS_MODES, f"canvas_mode={self.canvas_mode!r}; expected one of {CANVAS_MODES}"),
             (self.canvas_size >= 1, f"canvas_size must be positive, got {self.canvas_size}"),

@@ -148,11 +148,11 @@ class Hashed:
 
 
 @functools.lru_cache(maxsize=None)
-def _scheduler(kind: str, steps: int, config_json: str):
+def _scheduler(kind: str, steps: int, config_json: str, strength: float = 1.0):
     """(schedule, sampler) for a hashable description: one object per description, so that jit caches keyed
     on it are shared by every WindowSampler (and every video) with the same settings."""
     schedule = NoiseSchedule.from_config(json.loads(config_json))
-    return schedule, make_sampler(kind, schedule, steps)
+    return schedule, make_sampler(kind, schedule, steps, strength=strength)
 
 
 class BranchRows(NamedTuple):
@@ -231,17 +231,18 @@ class WindowSampler:
     """Samples batches of windows with one UNet and fixed sampler settings.
 
     `scheduler` is 'pndm' (the official loop, M3DDM quirk included: it starts at the second timestep of
-    diffusers' list and visits it twice) or 'ddim' (deterministic, eta 0). `loop='python'` drives the same
+    diffusers' list and visits it twice) or 'ddim' (deterministic, eta 0); `strength` < 1 starts partway
+    (img2img, m3ddm_jax/diffusion/samplers.py). `loop='python'` drives the same
     steps from the host, one jitted call each (a baseline for benchmarks; results are the same).
     Compiled code is cached per model structure, settings and input shapes, and shared between instances.
     """
 
     def __init__(self, unet: UNet3D, scheduler_config: dict, *, steps: int = 50, scheduler: str = "pndm",
                  guidance_scale: float = 2.0, global_guidance_scale: float = 4.0, exact_branches: bool = False,
-                 loop: str = "scan"):
+                 loop: str = "scan", strength: float = 1.0):
         if loop not in ("scan", "python"):
             raise ValueError(f"loop must be 'scan' or 'python', got {loop!r}")
-        self.sampler_key = (scheduler, int(steps), json.dumps(scheduler_config, sort_keys=True))
+        self.sampler_key = (scheduler, int(steps), json.dumps(scheduler_config, sort_keys=True), float(strength))
         _scheduler(*self.sampler_key)  # fail now on a bad scheduler, step count or config
         self.branches = guidance_branches(guidance_scale, global_guidance_scale, exact_branches)
         self.scales = jnp.asarray([guidance_scale, global_guidance_scale], jnp.float32)
@@ -251,7 +252,8 @@ class WindowSampler:
 
     @property
     def steps(self) -> int:
-        return self.sampler_key[1]
+        """UNet calls per window: the step count, or its last floor(strength x steps) when starting partway."""
+        return len(_scheduler(*self.sampler_key)[1].timesteps)
 
     def put_params(self, sharding) -> None:
         """Places the UNet parameters (e.g. replicated over a device mesh)."""

@@ -94,15 +94,53 @@ def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
     return jax.lax.stop_gradient({"x0": x0, "cond": cond, "mask": m, "global_latents": global_latents})
 
 
-def loss(unet: UNet3D, schedule: NoiseSchedule, inputs: dict, fps: jax.Array, key: jax.Array) -> jax.Array:
-    """Epsilon MSE at a uniformly drawn timestep per clip (DDPM forward process)."""
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weights(schedule: NoiseSchedule, t: jax.Array, weighting: str = "uniform",
+                 snr_gamma: float = 5.0) -> jax.Array:
+    """Per-example weights of the prediction MSE at timesteps t. 'uniform': 1 (the paper's plain MSE).
+    'min_snr': Min-SNR-gamma (Hang et al. 2023), the x0-error weight min(SNR, gamma) expressed in the
+    prediction's units: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v. It stops the
+    many nearly noise-free timesteps, whose targets are easy, from dominating the gradient."""
+    if weighting == "uniform":
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"loss weighting {weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+    snr = schedule.snr(t)
+    return jnp.minimum(snr, snr_gamma) / (snr + 1.0 if schedule.prediction_type == "v_prediction" else snr)
+
+
+def predict(unet: UNet3D, schedule: NoiseSchedule, inputs: dict, fps: jax.Array, t: jax.Array,
+            noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_t, the UNet's prediction) for the clean latents of `inputs` noised with `noise` at timesteps t."""
     x0 = inputs["x0"]
-    b = x0.shape[0]
-    k_t, k_noise = jax.random.split(key)
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     xt = schedule.add_noise(x0, noise, t)
     g = inputs["global_latents"]
-    tokens = unet.encode_global(g.reshape(-1, *g.shape[2:]), b)
-    eps = unet(jnp.concatenate([xt, inputs["cond"], inputs["mask"]], axis=-1), t, fps, tokens)
-    return jnp.mean(jnp.square(eps - schedule.training_target(x0, noise, t)))
+    tokens = unet.encode_global(g.reshape(-1, *g.shape[2:]), x0.shape[0])
+    return xt, unet(jnp.concatenate([xt, inputs["cond"], inputs["mask"]], axis=-1), t, fps, tokens)
+
+
+def _per_example(x: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+
+def loss(unet: UNet3D, schedule: NoiseSchedule, inputs: dict, fps: jax.Array, key: jax.Array, *,
+         weighting: str = "uniform", snr_gamma: float = 5.0) -> jax.Array:
+    """The prediction MSE (epsilon or v, the schedule's prediction_type) at a uniformly drawn timestep per
+    clip (DDPM forward process), weighted per clip by `loss_weights`."""
+    x0 = inputs["x0"]
+    k_t, k_noise = jax.random.split(key)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    _, out = predict(unet, schedule, inputs, fps, t, noise)
+    errors = _per_example(out - schedule.training_target(x0, noise, t))
+    return jnp.mean(loss_weights(schedule, t, weighting, snr_gamma) * errors)
+
+
+def noise_error(unet: UNet3D, schedule: NoiseSchedule, inputs: dict, fps: jax.Array, t: jax.Array,
+                noise: jax.Array) -> jax.Array:
+    """Per clip, the MSE of the noise the prediction implies: the paper's epsilon loss, for any
+    prediction_type, so that runs with other parameterisations and weightings compare (validation)."""
+    xt, out = predict(unet, schedule, inputs, fps, t, noise)
+    return _per_example(schedule.predicted_noise(xt, out, t) - noise)

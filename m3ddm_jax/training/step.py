@@ -71,8 +71,9 @@ def _where(pred, new, old):
 
 def make_train_step(graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, schedule: NoiseSchedule, *, ema_decay: float,
-                    seed: int) -> Callable:
-    """(state, codec_state, batch) -> (state, metrics). Wrap it in jax.jit with shardings (train.py)."""
+                    seed: int, loss_weighting: str = "uniform", snr_gamma: float = 5.0) -> Callable:
+    """(state, codec_state, batch) -> (state, metrics). Wrap it in jax.jit with shardings (train.py).
+    `loss_weighting` and `snr_gamma` weight the loss per clip (objective.loss_weights)."""
     base_key = jax.random.key(seed)
 
     def step(state: TrainState, codec_state: nnx.State, batch: dict):
@@ -83,7 +84,8 @@ def make_train_step(graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, tx: op
 
         def loss_fn(params):
             unet = nnx.merge(graphdef, params, state.rest)
-            return objective.loss(unet, schedule, inputs, batch["fps"], k_loss)
+            return objective.loss(unet, schedule, inputs, batch["fps"], k_loss, weighting=loss_weighting,
+                                  snr_gamma=snr_gamma)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.global_norm(grads)

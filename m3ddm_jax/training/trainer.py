@@ -18,6 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from m3ddm_jax import pretrained, sharding
+from m3ddm_jax.convert import inflate
 from m3ddm_jax.data.clips import ClipConfig
 from m3ddm_jax.data.pipeline import DataConfig, batch_spec
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
@@ -56,11 +57,13 @@ def fresh_unet_config(cfg, latent_channels: int, overrides: dict) -> UNet3DConfi
 
 
 def build_unet(cfg, latent_channels: int):
-    """A fresh UNet from config.model, or the UNet of a weights folder (an inflated SD 1.5, a released model)."""
+    """A fresh UNet from config.model, or the UNet of a weights folder (an inflated SD 1.5, a released model).
+    With init.temporal_identity a fresh UNet's temporal layers start as the identity (inflate.identity_start)."""
     overrides = unet_overrides(cfg)
     if cfg.init.weights:
         return pretrained.load_model(os.path.join(cfg.init.weights, pretrained.UNET), **overrides)
-    return random_init(pretrained.abstract_model(fresh_unet_config(cfg, latent_channels, overrides)), seed=cfg.seed)
+    unet = random_init(pretrained.abstract_model(fresh_unet_config(cfg, latent_channels, overrides)), seed=cfg.seed)
+    return inflate.identity_start(unet) if cfg.init.temporal_identity else unet
 
 
 def data_config(cfg) -> DataConfig:
@@ -141,7 +144,8 @@ def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgr
     batch_sh = {k: sharding.batch_sharding(mesh, len(shape), rules) for k, (shape, _) in spec.items()}
     step_fn = sharding.MeshBound(jax.jit(
         train_step.make_train_step(graphdef, codec_graphdef, tx, lr_schedule, schedule,
-                                   ema_decay=cfg.optim.ema_decay, seed=cfg.seed),
+                                   ema_decay=cfg.optim.ema_decay, seed=cfg.seed,
+                                   loss_weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma),
         in_shardings=(state_sh, codec_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0), mesh)
     return TrainProgram(
         mesh=mesh, rules=rules, graphdef=graphdef,

@@ -237,12 +237,17 @@ def make_canvas(frames: np.ndarray, layout: Layout) -> CanvasFrames:
     mask = np.ones((ch, cw), np.uint8)
     mask[y0:y1, x0:x1] = 0
     masked = np.zeros((len(frames), ch, cw, 3), np.uint8)
-    init = np.empty_like(masked)
     for i, frame in enumerate(frames):
         resized = cv2.resize(frame.astype(np.float32), (x1 - x0, y1 - y0), interpolation=layout.interpolation)
         masked[i, y0:y1, x0:x1] = resized
-        init[i] = cv2.inpaint(masked[i], mask, TELEA_RADIUS, cv2.INPAINT_TELEA)
-    return CanvasFrames(masked=masked, mask=mask, init=init)
+    return CanvasFrames(masked=masked, mask=mask, init=telea_fill(masked, mask))
+
+
+def telea_fill(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 frames with the region where `mask` (H, W) is non-zero filled by OpenCV's TELEA
+    inpainting (radius TELEA_RADIUS) from the rest: the official init."""
+    mask = np.asarray(mask).astype(np.uint8)
+    return np.stack([cv2.inpaint(frame, mask, TELEA_RADIUS, cv2.INPAINT_TELEA) for frame in frames])
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
