@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": ""})
     c.init = ml_collections.ConfigDict({"weights": ""})  # a weights folder (e.g. an inflated SD 1.5) or random
+    # A random UNet's temporal convs and fps conditioning start as the identity (as inflation starts them)
+    c.init.temporal_identity = False
     c.model = ml_collections.ConfigDict({
         "block_out_channels": (32, 64),
         "down_block_types": ("CrossAttnDownBlock3D", "DownBlockP3D"),
@@ -47,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
         "temporal_position_dim": 32,
     })
     c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
+    # Loss weighting per clip (m3ddm_jax/training/objective.py): uniform (the paper) | min_snr
+    c.loss = ml_collections.ConfigDict({"weighting": "uniform", "snr_gamma": 5.0})
 
     c.data = ml_collections.ConfigDict({
         "root": "",  # --config.data.root=DIR trains on every video under DIR instead
@@ -72,6 +76,15 @@ def get_config() -> ml_collections.ConfigDict:
         "every": 0,  # also every N steps; 0: only when training ends
         "videos": (os.path.join(REPO, "assets", "videos", "stream_of_water.mp4"),),  # () skips sampling
         "max_frames": 32, "ratio": "9:16", "grid_columns": 8,
+    })
+    # Held-out validation (m3ddm_jax/training/validation.py), at step 0, every N steps and at the end: the
+    # epsilon loss on fixed draws (`clips` clips x `timesteps` noise levels per video, from `seed`), and the EMA
+    # model's outpainting of the first `max_frames` frames at `frame_size` (H, W) with bands of
+    # mask_ratio x W / 2 pixels generated on each side, scored against the ground truth and the TELEA fill.
+    c.validation = ml_collections.ConfigDict({
+        "videos": (os.path.join(REPO, "assets", "videos", "stream_of_water.mp4"),),  # () turns validation off
+        "every": 0, "clips": 4, "timesteps": 8, "seed": 0, "max_frames": 16, "frame_size": (32, 32),
+        "mask_ratio": 0.5,
     })
     # The sampler settings of every outpainting (m3ddm_jax/sampling/settings.py: the official values but these).
     c.sampler = ml_collections.ConfigDict(SamplerSettings(

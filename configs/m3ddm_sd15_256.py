@@ -40,9 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"
 
     c.latent = ml_collections.ConfigDict({"kind": "vae", "factor": 8, "weights": "weights/sd15"})
-    c.init = ml_collections.ConfigDict({"weights": "weights/m3ddm_init"})  # the inflated SD 1.5 UNet
+    c.init = ml_collections.ConfigDict({"weights": "weights/m3ddm_init",  # the inflated SD 1.5 UNet
+                                        "temporal_identity": False})  # only for a UNet from scratch
     c.model = ml_collections.ConfigDict({})  # the architecture comes from init.weights
     c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
+    # Loss weighting per clip (m3ddm_jax/training/objective.py): uniform (the paper) | min_snr
+    c.loss = ml_collections.ConfigDict({"weighting": "uniform", "snr_gamma": 5.0})
 
     c.data = ml_collections.ConfigDict({
         "root": "",
@@ -65,6 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
     # every `every` steps and at the end; none: no sampling.
     c.sample = ml_collections.ConfigDict({
         "every": 5_000, "videos": (), "max_frames": 64, "ratio": "9:16", "grid_columns": 8,
+    })
+    # Held-out clips with known ground truth, e.g. --config.validation.videos="('a.mp4', 'b.mp4')": a fixed-draw
+    # validation loss and the generated bands' PSNR / SSIM against the TELEA fill (m3ddm_jax/training/
+    # validation.py) every `every` steps and at the end; none: no validation.
+    c.validation = ml_collections.ConfigDict({
+        "videos": (), "every": 5_000, "clips": 8, "timesteps": 10, "seed": 0, "max_frames": 16,
+        "frame_size": (256, 256), "mask_ratio": 0.5,
     })
     c.sampler = ml_collections.ConfigDict(SamplerSettings().to_dict())  # the official pipeline's settings
 

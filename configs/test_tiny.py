@@ -22,5 +22,7 @@ def get_config():
     c.data.clip.size = (16, 16)
     c.sample.videos = ()  # tests that want samples set them
     c.sample.max_frames = 4
+    c.validation.videos = ()  # tests that want validation set them
+    c.validation.update({"clips": 2, "timesteps": 2, "max_frames": 4, "frame_size": (16, 16)})
     c.sampler.update({"steps": 2, "canvas_size": 16, "global_size": (16, 16)})
     return c

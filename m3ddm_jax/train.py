@@ -10,7 +10,11 @@ or held-out clip, bad sampler settings stop the run at start-up with a message n
 gets model/ (the UNet's config, the latent space, the noise schedule) when a run starts, so that
 `tools/convert_checkpoint.py export --src WORKDIR --dst OUT` can turn any checkpoint into a weights folder.
 In-training samples (`config.sample`: which clips, when) use the EMA parameters and the config's sampler
-settings (`config.sampler`, as outpaint / infer / evaluate read them).
+settings (`config.sampler`, as outpaint / infer / evaluate read them). Validation (`config.validation`,
+m3ddm_jax/training/validation.py) scores the run on held-out clips with known ground truth at step 0, every
+`validation.every` steps and when training ends: a fixed-draw validation loss, and the EMA model's
+outpainting of masked bands against the TELEA fill of the same bands, into metrics.jsonl (rows with
+"group": "val") and TensorBoard (val/), its grid to WORKDIR/validation/step_N/grid.png.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from m3ddm_jax.models.pixel_space import PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
 from m3ddm_jax.sampling.settings import SamplerSettings
-from m3ddm_jax.training import checkpoint, export, samples
+from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
+from m3ddm_jax.training import checkpoint, export, objective, samples, validation
 from m3ddm_jax.training.metrics_log import MetricsLog
 from m3ddm_jax.training.trainer import build_trainer, data_config
 
@@ -45,10 +50,12 @@ log = logging.getLogger("m3ddm_jax.train")
 REQUIRED_KEYS = (
     "seed", "workdir", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compute_dtype", "remat",
     "attention", "nonfinite", "compilation_cache", "latent.kind", "latent.factor", "latent.weights", "init.weights",
-    "model", "scheduler", "data.batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
+    "init.temporal_identity", "model", "scheduler", "loss.weighting", "loss.snr_gamma", "data.batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
     "optim.end_lr_factor", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "optim.ema_decay", "optim.total_steps", "sample.every", "sample.videos", "sample.max_frames", "sample.ratio",
-    "sample.grid_columns", "sampler", "mesh", "logical_axis_rules")
+    "sample.grid_columns", "validation.videos", "validation.every", "validation.clips", "validation.timesteps",
+    "validation.seed", "validation.max_frames", "validation.frame_size", "validation.mask_ratio", "sampler", "mesh",
+    "logical_axis_rules")
 NONFINITE = ("skip", "halt")
 
 
@@ -62,6 +69,14 @@ def check_config(cfg) -> SamplerSettings:
         raise ValueError(f"nonfinite={cfg.nonfinite!r}; expected one of {NONFINITE}")
     if cfg.latent.kind not in ("pixel", "vae"):
         raise ValueError(f"latent.kind={cfg.latent.kind!r}: expected 'pixel' or 'vae'")
+    NoiseSchedule.from_config(cfg.scheduler.to_dict())  # prediction type, spacing, zero-SNR rescaling
+    if cfg.loss.weighting not in objective.LOSS_WEIGHTINGS:
+        raise ValueError(f"loss.weighting={cfg.loss.weighting!r}; expected one of {objective.LOSS_WEIGHTINGS}")
+    if cfg.loss.snr_gamma <= 0:
+        raise ValueError(f"loss.snr_gamma must be > 0, got {cfg.loss.snr_gamma}")
+    if cfg.init.temporal_identity and cfg.init.weights:
+        raise ValueError("init.temporal_identity applies to a UNet from scratch; init.weights already sets the "
+                         "temporal layers (inflation starts them as the identity)")
     if cfg.latent.kind == "vae" and not cfg.latent.weights:
         raise ValueError("latent.kind='vae' needs latent.weights, a weights folder with the SD VAE")
     for key, folder, sub in (("init.weights", cfg.init.weights, pretrained.UNET),
@@ -75,6 +90,7 @@ def check_config(cfg) -> SamplerSettings:
     if cfg.sample.videos:  # ratio, canvas mode and size at once, on a frame of the training size
         make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
                     multiple=sample_canvas_multiple(cfg))
+    validation.check(cfg, settings, sample_canvas_multiple(cfg))
     data_config(cfg)  # data sources and batch split
     return settings
 
@@ -104,6 +120,20 @@ def sample(cfg, settings: SamplerSettings, trainer, workdir: str, step: int) -> 
     log.info("samples of step %d: %s", step, grid)
 
 
+def validate(cfg, validator: validation.Validator | None, trainer, workdir: str, step: int,
+             metrics_log: MetricsLog) -> None:
+    """Scores the EMA model on the held-out clips (call it on every process; process 0 computes and writes)."""
+    if not cfg.validation.videos:
+        return
+    unet = trainer.ema_unet()
+    if validator is None:
+        return
+    record = {"step": step, **validator(unet, os.path.join(workdir, validation.FOLDER, f"step_{step:07d}"))}
+    metrics_log.write(record, group=validation.GROUP)
+    log.info("validation at step %d: loss %.4f, generated-band PSNR %.2f dB (TELEA %.2f dB)", step,
+             record["val_loss"], record["val_psnr_generated"], record["telea_psnr_generated"])
+
+
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     settings = check_config(cfg)
@@ -124,6 +154,10 @@ def train(cfg, workdir: str) -> dict:
     metrics_log = MetricsLog(workdir, start_step=start, total_steps=cfg.total_steps,
                              write=jax.process_index() == 0)
     config_json = json.loads(cfg.to_json_best_effort())
+    validator = (validation.Validator(cfg, trainer.codec, settings)
+                 if cfg.validation.videos and jax.process_index() == 0 else None)
+    if not start:
+        validate(cfg, validator, trainer, workdir, 0, metrics_log)  # step 0: what training improves on
 
     last, skipped_videos = {}, 0
     t_last, s_last = time.perf_counter(), start
@@ -150,6 +184,8 @@ def train(cfg, workdir: str) -> dict:
         ckpt.save(done, trainer.state, data_iter, config_json, force=done == cfg.total_steps)
         if done == cfg.total_steps or (cfg.sample.every and done % cfg.sample.every == 0):
             sample(cfg, settings, trainer, workdir, done)
+        if done == cfg.total_steps or (cfg.validation.every and done % cfg.validation.every == 0):
+            validate(cfg, validator, trainer, workdir, done, metrics_log)
     ckpt.wait()
     ckpt.close()
     metrics_log.close()

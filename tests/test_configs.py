@@ -151,15 +151,22 @@ def train_cli(name: str, workdir, cache_dir: str, *overrides: str):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "group" not in r]  # training rows; validation rows are tested below
     assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"]) and rows[-1]["skipped_steps"] == 0
     assert export.checkpoint_steps(str(workdir)) == ([2], [])
     return rows
 
 
 def test_demo_trains_and_samples(tmp_path, compile_cache):
-    """The demo for 2 steps; it ends with its samples: the held-out clip outpainted to 9:16 by the EMA model."""
+    """The demo for 2 steps; it ends with its samples: the held-out clip outpainted to 9:16 by the EMA model;
+    and its validation at steps 0 and 2: metrics.jsonl rows with the TELEA baseline, a frame grid."""
     workdir = tmp_path / "demo"
-    train_cli("demo", workdir, compile_cache, "--config.sample.max_frames=4", "--config.sampler.steps=2")
+    train_cli("demo", workdir, compile_cache, "--config.sample.max_frames=4", "--config.sampler.steps=2",
+              "--config.validation.max_frames=4")
+    val = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"group"' in line]
+    assert [r["step"] for r in val] == [0, 2]
+    assert all(np.isfinite([r["val_loss"], r["val_psnr_generated"], r["telea_psnr_generated"]]).all() for r in val)
+    assert (workdir / "validation" / "step_0000002" / "grid.png").stat().st_size > 0
     folder = workdir / "samples" / "step_0000002"
     video = read_video(folder / "stream_of_water.mp4")
     n, h, w = video.frames.shape[:3]

@@ -35,16 +35,20 @@ class MetricsLog:
         # purge_step hides events the interrupted run wrote after the restored step.
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step or None)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, group: str = "train") -> None:
+        """One line of metrics.jsonl (a training record, or another `group`'s, e.g. validation, which gets a
+        "group" field) and its scalars in TensorBoard under `group`/."""
         if not self.write_enabled:
             return
+        line = record if group == "train" else {**record, "group": group}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(line) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"train/{key}", value, record["step"])
+                self.tb.add_scalar(f"{group}/{key}", value, record["step"])
         self.tb.flush()
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+        if group == "train":
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
 
     def advance(self, step: int) -> None:
         self.bar.update(step - self.step)

@@ -1,14 +1,15 @@
 """Sample outpaintings of held-out clips during training: an mp4 per clip and one PNG frame grid.
 
 The grid has two rows per clip: the source as it sits in the output frame (the region to generate black),
-then the outpainting. Samples use the EMA parameters, as an exported model would, and the config's sampler
+then the outpainting. Validation (training/validation.py) writes its own grid here too: clips with known
+ground truth, four rows each. Samples use the EMA parameters, as an exported model would, and the config's sampler
 settings, as outpaint / infer / evaluate would.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from m3ddm_jax.sampling.pipeline import Outpainter, compose_output
 from m3ddm_jax.video.canvas import Layout, make_canvas
 from m3ddm_jax.video.grid import frame_grid, write_png
 from m3ddm_jax.video.io import Video, read_video, write_video
+
+if TYPE_CHECKING:
+    from m3ddm_jax.training.validation import HeldOutClip
 
 
 def load_videos(paths: Sequence[str], max_frames: int) -> list[tuple[str, Video]]:
@@ -38,5 +42,20 @@ def write_samples(folder: str, outpainter: Outpainter, videos: Sequence[tuple[st
         write_video(os.path.join(folder, f"{name}.mp4"), result.frames, video.fps)
         rows += [_source_in_output(video.frames, result.layout), result.frames]
     path = os.path.join(folder, "grid.png")
+    write_png(path, frame_grid(rows, columns=grid_columns))
+    return path
+
+
+def write_validation_grid(path: str, clips: Sequence[HeldOutClip], results: Sequence[np.ndarray],
+                          grid_columns: int) -> str:
+    """Four rows per held-out clip: the source with its bands black, their TELEA fill, the model's result
+    (`results`, one per clip) and the ground truth. Returns `path`."""
+    rows = []
+    for clip, result in zip(clips, results, strict=True):
+        source = clip.frames.copy()
+        source[:, :, :clip.band] = 0
+        source[:, :, source.shape[2] - clip.band:] = 0
+        rows += [source, clip.telea, result, clip.frames]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_png(path, frame_grid(rows, columns=grid_columns))
     return path

@@ -1,0 +1,128 @@
+"""The training recipe's options (loss weighting, identity start of the temporal layers) and held-out
+validation during training (m3ddm_jax/training/validation.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, config_from_flags, subprocess_env
+
+from m3ddm_jax import pretrained, sharding, train
+from m3ddm_jax.convert import inflate
+from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
+from m3ddm_jax.models.layers import random_init
+from m3ddm_jax.models.unet3d import UNet3DConfig
+from m3ddm_jax.training import objective, validation
+from m3ddm_jax.training.trainer import build_trainer
+
+CONFIG = REPO / "configs" / "test_tiny.py"
+HELD_OUT = str(REPO / "assets" / "videos" / "stream_of_water.mp4")
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+               "beta_end": 0.012}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weight_is_min_snr_gamma_times_the_x0_error(prediction, gamma):
+    """Hang et al.: the weighted prediction error equals min(SNR, gamma) x the error of the clean sample the
+    prediction implies, for either parameterisation; uniform weights are 1."""
+    schedule = NoiseSchedule.from_config({**SD_SCHEDULE, "prediction_type": prediction})
+    rng = np.random.default_rng(0)
+    t = jnp.asarray(np.array([0, 10, 100, 400, 700, 990]))
+    x0, noise, err = (jnp.asarray(rng.standard_normal((6, 5)), jnp.float32) for _ in range(3))
+    xt = schedule.add_noise(x0, noise, t)
+    pred = schedule.training_target(x0, noise, t) + err
+    a = jnp.asarray(schedule.alphas_cumprod)[t][:, None]
+    eps = schedule.predicted_noise(xt, pred, t)
+    x0_pred = (xt - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    snr = schedule.snr(t)
+    weighted = objective.loss_weights(schedule, t, "min_snr", gamma) * jnp.sum(err**2, -1)
+    np.testing.assert_allclose(weighted, jnp.minimum(snr, gamma) * jnp.sum((x0_pred - x0) ** 2, -1), rtol=2e-3)
+    np.testing.assert_array_equal(objective.loss_weights(schedule, t), np.ones(6))
+    with pytest.raises(ValueError, match="loss weighting 'snr'"):
+        objective.loss_weights(schedule, t, "snr")
+
+
+def test_identity_start_leaves_no_temporal_mixing():
+    """A fresh UNet with the identity start mixes frames only through the resnet GroupNorms' joint statistics
+    (symmetric in the frames), as inflation starts it: permuting the input frames permutes the output
+    frames, and the fps condition changes nothing. A fresh UNet without it does neither."""
+    config = UNet3DConfig(block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock3D", "DownBlockP3D"),
+                          up_block_types=("UpBlockP3D", "CrossAttnUpBlock3D"), layers_per_block=1,
+                          attention_heads=2, norm_num_groups=4, cross_attention_dim=8, temporal_position_dim=8,
+                          in_channels=9, out_channels=4)
+    x = jax.random.normal(jax.random.key(0), (1, 3, 8, 8, 9))
+    t, order = jnp.array([500]), jnp.array([2, 0, 1])
+
+    def gaps(unet):
+        tokens = unet.encode_global(jnp.zeros((2, 8, 8, 4)), 1)
+        out = unet(x, t, jnp.array([8.0]), tokens)
+        rel = lambda y: float(jnp.abs(y - out).max() / jnp.abs(out).max())
+        permuted = unet(x[:, order], t, jnp.array([8.0]), tokens)[:, jnp.argsort(order)]
+        return rel(permuted), rel(unet(x, t, jnp.array([24.0]), tokens))
+
+    fresh = lambda: random_init(pretrained.abstract_model(config), seed=1)
+    assert min(gaps(fresh())) > 1e-3
+    assert max(gaps(inflate.identity_start(fresh()))) < 1e-5
+
+
+def tiny_cfg(*overrides):
+    return config_from_flags(CONFIG, f"--config.validation.videos=('{HELD_OUT}',)", *overrides)
+
+
+@pytest.mark.slow  # ~1 min: builds two trainers and compiles the validation loss
+def test_validation_loss_uses_fixed_draws():
+    """Two calls on the same model give the same loss (fixed clips, masks, noise, timesteps); another model
+    gives another loss."""
+    cfg = tiny_cfg()
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict()))
+    validator = validation.Validator(cfg, trainer.codec, train.check_config(cfg))
+    unet = trainer.ema_unet()
+    first = validator.loss(unet)
+    assert np.isfinite(first) and validator.loss(unet) == first
+    assert validation.Validator(cfg, trainer.codec, train.check_config(cfg)).loss(unet) == first
+    other = build_trainer(tiny_cfg("--config.seed=1"), sharding.make_mesh(cfg.mesh.to_dict())).ema_unet()
+    assert validator.loss(other) != first
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("--config.loss.weighting=snr",), "loss.weighting='snr'; expected one of"),
+    (("--config.scheduler.prediction_type=sample",), "prediction_type 'sample' is not supported"),
+    (("--config.sampler.strength=1.5",), "strength must be in \\(0, 1\\]"),
+    (("--config.validation.videos=('/nonexistent/clip.mp4',)",), "validation.videos: held-out clip "
+                                                                 "/nonexistent/clip.mp4 does not exist"),
+    (("--config.validation.frame_size=(16, 18)",), "validation.frame_size=\\(16, 18\\)"),
+    (("--config.validation.clips=0",), "validation.clips"),
+])
+def test_bad_recipe_or_validation_config_fails_at_startup(overrides, message):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.check_config(cfg)
+
+
+@pytest.mark.slow
+def test_training_validates_into_metrics_and_a_grid(tmp_path, compile_cache):
+    """Validation at step 0, every 2 steps and at the end: its rows in metrics.jsonl (the TELEA baseline
+    beside the model's), a TensorBoard event file, the frame grid (4 rows of 16 + 2 px)."""
+    cmd = [sys.executable, "-m", "m3ddm_jax.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
+           f"--config.compilation_cache={compile_cache}", "--config.total_steps=4",
+           f"--config.validation.videos=('{HELD_OUT}',)", "--config.validation.every=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("group") == validation.GROUP]
+    assert [r["step"] for r in val] == [0, 2, 4]
+    for r in val:
+        assert np.isfinite([r["val_loss"], r["val_psnr_generated"], r["telea_psnr_generated"]]).all()
+    assert len({r["telea_psnr_generated"] for r in val}) == 1  # the baseline does not train
+    assert [r["step"] for r in rows if "group" not in r] == [1, 2, 3, 4]
+    assert os.listdir(tmp_path / "tensorboard")
+    import cv2
+
+    grid = cv2.imread(str(tmp_path / validation.FOLDER / "step_0000004" / "grid.png"))
+    assert grid.shape[0] == 4 * 16 + 3 * 2
