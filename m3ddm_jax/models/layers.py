@@ -85,18 +85,6 @@ def conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rng
                     bias_init=_init(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
 
 
-def conv_frames(layer: nnx.Conv, x: jax.Array) -> jax.Array:
-    """A 2-D convolution `layer` on every frame of a video (B, F, H, W, C), as one 3-D convolution whose
-    window spans a single frame: frames stay a dimension of their own (nnx.Conv would merge them into the
-    batch), so the compiler can keep one layout across a block's spatial and temporal convolutions instead of
-    copying the activation between them."""
-    kernel = layer.kernel.value.astype(layer.dtype)[None]  # (1, kh, kw, I, O)
-    strides = (layer.strides,) * 2 if isinstance(layer.strides, int) else tuple(layer.strides)
-    y = jax.lax.conv_general_dilated(x.astype(layer.dtype), kernel, (1, *strides), ((0, 0), *layer.padding),
-                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=layer.precision)
-    return y if layer.bias is None else y + layer.bias.value.astype(layer.dtype)
-
-
 def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: float) -> jax.Array:
     """layer(x) * scale, with the scale applied to the layer's float32 parameters before they are cast to the
     compute dtype."""

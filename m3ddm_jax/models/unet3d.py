@@ -28,7 +28,7 @@ from flax import nnx
 from m3ddm_jax.models.attention import check_attention_impl
 from m3ddm_jax.models.embeddings import TimestepEmbedding, sinusoidal_embedding
 from m3ddm_jax.models.global_encoder import GlobalFrameEncoder
-from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, conv_frames, linear
+from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, linear
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock3D", "DownBlockP3D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock3D", "UpBlockP3D"
@@ -152,7 +152,7 @@ class Pseudo3DConv(nnx.Module):
         self.temporal_conv = TemporalConv(cout, rngs=rngs, dtype=dtype) if temporal else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv_frames(self.spatial_conv, x)
+        x = self.spatial_conv(x)
         return x if self.temporal_conv is None else self.temporal_conv(x)
 
 
