@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": ""})
     c.init = ml_collections.ConfigDict({"weights": ""})  # a weights folder (e.g. an inflated SD 1.5) or random
     # A random UNet's temporal convs and fps conditioning start as the identity (as inflation starts them)
-    c.init.temporal_identity = False
+    c.init.temporal_identity = True  # (the demo recipe: BENCHMARKS.md "Demo recipe search")
     c.model = ml_collections.ConfigDict({
         "block_out_channels": (32, 64),
         "down_block_types": ("CrossAttnDownBlock3D", "DownBlockP3D"),
@@ -48,9 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
         "cross_attention_dim": 64,
         "temporal_position_dim": 32,
     })
-    c.scheduler = ml_collections.ConfigDict(SD15_SCHEDULER_CONFIG)
+    # The noise schedule (m3ddm_jax/diffusion/noise_schedule.py; exported with the model, read by the samplers)
+    # The demo's recipe (BENCHMARKS.md "Demo recipe search"): v-prediction, zero terminal SNR, trailing timesteps.
+    c.scheduler = ml_collections.ConfigDict({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction",
+                                             "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"})
     # Loss weighting per clip (m3ddm_jax/training/objective.py): uniform (the paper) | min_snr
-    c.loss = ml_collections.ConfigDict({"weighting": "uniform", "snr_gamma": 5.0})
+    c.loss = ml_collections.ConfigDict({"weighting": "min_snr", "snr_gamma": 5.0})
 
     c.data = ml_collections.ConfigDict({
         "root": "",  # --config.data.root=DIR trains on every video under DIR instead

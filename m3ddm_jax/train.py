@@ -1,7 +1,7 @@
 """Train M3DDM: `python -m m3ddm_jax.train --config configs/NAME.py [--config.key=value ...] [--workdir DIR]`.
 
-clips (grain) -> masks + CFG dropout -> latents -> DDPM noise -> 3D UNet -> epsilon MSE -> sharded AdamW
-step -> EMA -> orbax checkpoint. Resumes from the newest complete checkpoint in the workdir, data position
+clips (grain) -> masks + CFG dropout -> latents -> DDPM noise -> 3D UNet -> (weighted) epsilon or v MSE ->
+sharded AdamW step -> EMA -> orbax checkpoint. Resumes from the newest complete checkpoint in the workdir, data position
 included. Multi-host: set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or the flags); each
 process feeds its own data shard and one checkpoint is written.
 
