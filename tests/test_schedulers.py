@@ -52,6 +52,16 @@ def random_sequence(seed, n):
     return rng.standard_normal(SHAPE).astype(np.float32), rng.standard_normal((n,) + SHAPE).astype(np.float32)
 
 
+def assert_steps_match(sampler, ref_sched, x, outputs):
+    """Our sampler and a diffusers scheduler (timesteps already set) stepped on the same model outputs."""
+    ref, ref_x = [], as_torch(x)
+    for t, out in zip(ref_sched.timesteps, outputs):
+        ref_x = ref_sched.step(as_torch(out), t, ref_x).prev_sample
+        ref.append(ref_x.numpy())
+    for i, (a, b) in enumerate(zip(run_ours(sampler, x, outputs), ref)):
+        assert rel_err(a, b) < 1e-5, f"call {i}"
+
+
 def run_ours(sampler, x, eps_seq, noise_seq=None):
     step = jax.jit(sampler.step)
     state, x, out = sampler.init_state(jnp.asarray(x)), jnp.asarray(x), []
@@ -85,13 +95,7 @@ def test_pndm_sd_loop_matches_diffusers(config, diffusers, steps):
     ref_sched.set_timesteps(steps)
     sampler = PNDM.create(NoiseSchedule.from_config(config), steps, m3ddm_quirk=False)
     np.testing.assert_array_equal(sampler.timesteps, ref_sched.timesteps.numpy())
-    x, eps_seq = random_sequence(steps, len(sampler.timesteps))
-    ref, ref_x = [], as_torch(x)
-    for t, eps in zip(ref_sched.timesteps, eps_seq):
-        ref_x = ref_sched.step(as_torch(eps), t, ref_x).prev_sample
-        ref.append(ref_x.numpy())
-    for i, (a, b) in enumerate(zip(run_ours(sampler, x, eps_seq), ref)):
-        assert rel_err(a, b) < 1e-5, f"call {i}"
+    assert_steps_match(sampler, ref_sched, *random_sequence(steps, len(sampler.timesteps)))
 
 
 @pytest.mark.parametrize("steps", [10, 25, 50])
@@ -224,13 +228,7 @@ def test_ddim_v_prediction_matches_diffusers(v_config, diffusers, steps):
     ref_sched.set_timesteps(steps)
     sampler = DDIM.create(NoiseSchedule.from_config(v_config), steps)
     np.testing.assert_array_equal(sampler.timesteps, ref_sched.timesteps.numpy())
-    x, v_seq = random_sequence(300 + steps, steps)
-    ref, ref_x = [], as_torch(x)
-    for t, v in zip(ref_sched.timesteps, v_seq):
-        ref_x = ref_sched.step(as_torch(v), t, ref_x).prev_sample
-        ref.append(ref_x.numpy())
-    for i, (a, b) in enumerate(zip(run_ours(sampler, x, v_seq), ref)):
-        assert rel_err(a, b) < 1e-5, f"call {i}"
+    assert_steps_match(sampler, ref_sched, *random_sequence(300 + steps, steps))
 
 
 def test_trailing_timesteps_match_diffusers(diffusers):
