@@ -187,8 +187,12 @@ def telea_bands(frames: np.ndarray, band: int) -> np.ndarray:
     """The TELEA baseline for one video: its bands filled by OpenCV's TELEA inpainting from the known centre,
     at the frame size. It is the init the sampler starts from where the canvas is the frame size (the
     official canvas's fill: m3ddm_jax.video.canvas.telea_fill)."""
-    mask = generated_mask(frames.shape[1:3], band)
-    return telea_fill(np.where(mask[None, :, :, None], 0, frames).astype(np.uint8), mask)
+    return telea_fill(black_bands(frames, band), generated_mask(frames.shape[1:3], band))
+
+
+def black_bands(frames: np.ndarray, band: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 frames with their two generated side bands of `band` pixels set to black."""
+    return np.where(generated_mask(frames.shape[1:3], band)[None, :, :, None], 0, frames).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- scoring

@@ -318,7 +318,8 @@ class Outpainter:
                 spec, noise_spec = call_spec(self.mesh, size, init.shape[1:3], init.shape[-1],
                                              shared["cond_tokens"])
                 t0 = time.perf_counter()
-                out = np.asarray(self.sampler(place(inputs, spec), noise=place(noise, noise_spec)))
+                noise = place(noise, noise_spec)  # moved to the devices once: later calls find it there
+                out = np.asarray(self.sampler(place(inputs, spec), noise=noise))
                 timings["unet"] += time.perf_counter() - t0
                 for w, latents in zip(chunk, out):
                     outputs[w.index] = latents

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from m3ddm_jax.evaluate import black_bands
 from m3ddm_jax.sampling.pipeline import Outpainter, compose_output
 from m3ddm_jax.video.canvas import Layout, make_canvas
 from m3ddm_jax.video.grid import frame_grid, write_png
@@ -52,10 +53,7 @@ def write_validation_grid(path: str, clips: Sequence[HeldOutClip], results: Sequ
     (`results`, one per clip) and the ground truth. Returns `path`."""
     rows = []
     for clip, result in zip(clips, results, strict=True):
-        source = clip.frames.copy()
-        source[:, :, :clip.band] = 0
-        source[:, :, source.shape[2] - clip.band:] = 0
-        rows += [source, clip.telea, result, clip.frames]
+        rows += [black_bands(clip.frames, clip.band), clip.telea, result, clip.frames]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_png(path, frame_grid(rows, columns=grid_columns))
     return path
