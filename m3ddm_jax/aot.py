@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import pickle
@@ -228,11 +227,7 @@ def _sampling_models(cfg, settings: SamplerSettings, notes: list[str]):
             os.path.join(cfg.weights, pretrained.VAE), VAEConfig(), notes, "Stable Diffusion's VAE is assumed"))
         unet_config = _folder_config(os.path.join(cfg.weights, pretrained.UNET), UNet3DConfig(), notes,
                                      "the released M3DDM architecture is assumed", **overrides)
-        scheduler_path = os.path.join(cfg.weights, pretrained.SCHEDULER, pretrained.SCHEDULER_FILE)
-        scheduler = pretrained.SD15_SCHEDULER_CONFIG
-        if os.path.isfile(scheduler_path):
-            with open(scheduler_path) as f:
-                scheduler = json.load(f)
+        scheduler = pretrained.read_scheduler_config(cfg.weights, default=pretrained.SD15_SCHEDULER_CONFIG)
     else:  # a training config: the model it trains, sampled as training samples it
         codec, unet = abstract_models(cfg, notes)
         unet_config, scheduler = dataclasses.replace(unet.config, **overrides), cfg.scheduler.to_dict()

@@ -157,8 +157,16 @@ def load_weights(folder: str, **unet_overrides: Any) -> Weights:
                                 f"tools/convert_checkpoint.py")
     unet = load_model(os.path.join(folder, UNET), **unet_overrides)
     vae = load_model(os.path.join(folder, VAE))
-    scheduler_path = os.path.join(folder, SCHEDULER, SCHEDULER_FILE)
-    if not os.path.isfile(scheduler_path):
-        raise FileNotFoundError(f"{scheduler_path} is missing: {folder} is not a complete weights folder")
-    with open(scheduler_path) as f:
-        return Weights(unet, vae, json.load(f))
+    return Weights(unet, vae, read_scheduler_config(folder))
+
+
+def read_scheduler_config(folder: str, default: dict | None = None) -> dict:
+    """The scheduler config of a weights folder (or of a run's model/ folder); `default` where it has none,
+    else an error naming the missing file."""
+    path = os.path.join(folder, SCHEDULER, SCHEDULER_FILE)
+    if not os.path.isfile(path):
+        if default is not None:
+            return default
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a complete weights folder")
+    with open(path) as f:
+        return json.load(f)

@@ -17,7 +17,6 @@ folder appears only when it is complete (pretrained.save_weights).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -144,8 +143,7 @@ def export(run_dir: str, dst: str, *, step: int | None = None, params: str = "em
     step = choose_step(run_dir, step)
     unet = restore_unet(run_dir, step, params)
     codec = pretrained.load_model(os.path.join(model, pretrained.VAE))
-    with open(os.path.join(model, pretrained.SCHEDULER, pretrained.SCHEDULER_FILE)) as f:
-        scheduler_config = json.load(f)
+    scheduler_config = pretrained.read_scheduler_config(model)
     report = {"kind": "export", "run": os.path.abspath(run_dir), "step": step, "params": params,
               "unet_values": sum(x.size for x in jax.tree.leaves(nnx.state(unet))),
               "latent_space": type(codec).__name__}
