@@ -184,12 +184,24 @@ def abstract_models(cfg, notes: list[str]):
     return codec, pretrained.abstract_model(unet_config)
 
 
-def train_program(cfg, tpu: Slice) -> Program:
-    """The config's train step at its global batch, on the config's mesh laid over the slice's devices."""
+def train_program(cfg, tpu: Slice, round_batch: bool = False) -> Program:
+    """The config's train step at its global batch, on the config's mesh laid over the slice's devices.
+
+    `round_batch`: a global batch that does not split over the slice's batch shards (a config written for
+    another machine, like the tests' 2 clips on 8 chips) is raised to the next multiple that does, with a
+    note; without it that is an error naming the batch to use."""
     notes: list[str] = []
     codec, unet = abstract_models(cfg, notes)
     try:
         mesh = sharding.make_mesh(cfg.mesh.to_dict(), tpu.devices)
+        split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, [tuple(r) for r in cfg.logical_axis_rules]))
+        if round_batch and cfg.data.batch_size % split:
+            batch = split * -(-cfg.data.batch_size // split)
+            notes.append(f"the config's global batch {cfg.data.batch_size} does not split over the {split} batch "
+                         f"shards of this slice: compiled at {batch}; --config.data.batch_size chooses")
+            cfg = cfg.copy_and_resolve_references()
+            with cfg.unlocked():
+                cfg.data.batch_size = batch
         program = trainer.build_train_program(cfg, mesh, codec, unet)
     except ValueError as err:
         raise AotError(str(err)) from None

@@ -76,16 +76,18 @@ def test_batch_spec_is_what_the_pipeline_makes(tmp_path):
 
 def test_cli_train_step_on_v5e(tmp_path):
     """The tiny config's train step on v5e:2x4 (2 processes) with a data x fsdp mesh: report, JSON,
-    executable, and nothing from libtpu on stderr."""
+    executable, and nothing from libtpu on stderr. The config's global batch of 2 does not split over the 8
+    chips and was not chosen on the command line: the tool compiles at 8 and says so."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     out = run_tool("--topology", "v5e:2x4", "--json", str(tmp_path / "r.json"), "--save", str(tmp_path / "step.aot"),
-                   "--config.data.batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=4", env=env)
+                   "--config.mesh.data=2", "--config.mesh.fsdp=4", env=env)
     assert out.returncode == 0, out.stderr
     assert not [line for line in out.stderr.splitlines() if any(n in line for n in LIBTPU_NOISE)], out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     check_report(report)
     assert (report["chips"], report["processes"]) == (8, 2)
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["per_chip_batch"] == 1
+    assert report["global_batch"] == 8 and any("global batch 2 does not split" in n for n in report["notes"])
     assert report["attention"] == "splash"  # the config's 'auto', resolved for TPU on a CPU host
     assert "fits            yes" in out.stdout and "v5e:2x4" in out.stdout
 
@@ -162,7 +164,7 @@ def test_bad_topology_or_config_is_named():
         aot.tpu_slice("v9x:2x2")
     with pytest.raises(aot.AotError, match="libtpu cannot describe topology 'v5e:3x3'"):
         aot.tpu_slice("v5e:3x3")
-    out = run_tool("--topology", "v5e:2x4")  # the tiny config's global batch of 2 on 8 chips
+    out = run_tool("--topology", "v5e:2x4", "--config.data.batch_size=2")  # a chosen batch is not changed
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "does not split over the 8 batch shards" in out.stderr and "--config.data.batch_size=8" in out.stderr
 
