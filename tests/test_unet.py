@@ -13,7 +13,9 @@ from flax import nnx
 from conftest import load_json
 from m3ddm_jax.convert import m3ddm
 from m3ddm_jax.models.embeddings import sinusoidal_embedding
-from m3ddm_jax.models.unet3d import UNet3DConfig
+from m3ddm_jax.models.layers import make_rngs
+from m3ddm_jax.models.remat import Remat
+from m3ddm_jax.models.unet3d import MidBlock, UNet3DConfig
 
 CASES = (load_json("unet_cases.json") or {}).get("cases", [])
 TOL = 1e-4
@@ -149,3 +151,27 @@ def test_latent_size_must_fit_the_downsampling():
 def test_unknown_block_type_is_rejected():
     with pytest.raises(ValueError, match="unknown down block type 'DownBlock3D'"):
         UNet3DConfig(down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",))
+
+
+@pytest.mark.parametrize("value, policy", [("none", None), ("full", jax.checkpoint_policies.nothing_saveable),
+                                           ("dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)])
+def test_remat_value_names_its_checkpoint_policy(value, policy):
+    """Each config string is a Remat whose blocks, traced in the mid block (resnet, transformer, resnet), run
+    under that jax.checkpoint policy; 'none' applies no checkpoint at all."""
+    remat = Remat.parse(value)
+    assert remat == value and remat.policy is policy
+    cfg = UNet3DConfig(block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock3D", "DownBlockP3D"),
+                       up_block_types=("UpBlockP3D", "CrossAttnUpBlock3D"), attention_heads=2, norm_num_groups=4,
+                       cross_attention_dim=16, remat=value)
+    assert cfg.remat is remat
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MidBlock(8, cfg, rngs=make_rngs())))
+    temb = jax.ShapeDtypeStruct((1, 32), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda s, x, t: nnx.merge(graphdef, s)(x, t, t, jnp.zeros((1, 3, 16))))(
+        state, jax.ShapeDtypeStruct((1, 2, 4, 4, 8), jnp.float32), temb)
+    checkpoints = [e.params["policy"] for e in jaxpr.eqns if e.primitive.name == "remat2"]
+    assert checkpoints == ([] if remat is Remat.NONE else [policy] * 3)
+
+
+def test_unknown_remat_names_the_allowed_values():
+    with pytest.raises(ValueError, match=r"remat='dot'.*expected one of \['none', 'full', 'dots'\]"):
+        UNet3DConfig(remat="dot")

@@ -29,10 +29,10 @@ from m3ddm_jax.models.attention import check_attention_impl
 from m3ddm_jax.models.embeddings import TimestepEmbedding, sinusoidal_embedding
 from m3ddm_jax.models.global_encoder import GlobalFrameEncoder
 from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, linear
+from m3ddm_jax.models.remat import Remat
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock3D", "DownBlockP3D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock3D", "UpBlockP3D"
-REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 TRANSFORMER_NORM_EPS = 1e-6  # hard-coded in the official SpatialTemporalTransformer
 LAYER_NORM_EPS = 1e-5
 
@@ -65,9 +65,8 @@ class UNet3DConfig:
     dtype: str = "float32"
     # The attention kernel: a name of m3ddm_jax.models.attention.KERNELS, or 'auto' (the platform's best).
     attention_impl: str = "xla"
-    # Rematerialisation of every resnet and transformer in training: 'none', 'full' (keep only block inputs)
-    # or 'dots' (keep matmul/conv outputs, recompute the elementwise work).
-    remat: str = "none"
+    # Rematerialisation of every resnet and transformer in training: a Remat value ('none', 'full', 'dots').
+    remat: Remat = Remat.NONE
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -87,8 +86,7 @@ class UNet3DConfig:
                                  f"{PLAIN_UP!r}")
         if self.layers_per_block < 1:
             raise ValueError("UNet3DConfig: layers_per_block must be >= 1")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"UNet3DConfig: remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        object.__setattr__(self, "remat", Remat.parse(self.remat))
         check_attention_impl(self.attention_impl)
 
     @property
@@ -258,13 +256,6 @@ class ResnetBlockP3D(nnx.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-def remat(fn, policy: str):
-    """`fn(module, x)`, rematerialised in the backward pass under the named policy (REMAT_POLICIES)."""
-    if policy == "none":
-        return fn
-    return nnx.remat(fn, policy=REMAT_POLICIES[policy])
-
-
 class Resample(nnx.Module):
     """A per-frame 3x3 conv, after nearest x2 upsampling (up) or with stride 2 (down)."""
 
@@ -296,8 +287,8 @@ class UNetBlock(nnx.Module):
         self.upsamplers = make(True) if resample == "up" else None
 
     def _layer(self, i, x, temb, femb, context):
-        x = remat(lambda m, x: m(x, temb, femb), self.remat)(self.resnets[i], x)
-        return x if self.attentions is None else remat(lambda m, x: m(x, context), self.remat)(self.attentions[i], x)
+        x = self.remat.wrap(lambda m, x: m(x, temb, femb))(self.resnets[i], x)
+        return x if self.attentions is None else self.remat.wrap(lambda m, x: m(x, context))(self.attentions[i], x)
 
     def down(self, x, temb, femb, context) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
@@ -327,9 +318,9 @@ class MidBlock(nnx.Module):
         self.attentions = nnx.List([SpatialTemporalTransformer(channels, cfg, rngs=rngs)])
 
     def __call__(self, x, temb, femb, context):
-        resnet = remat(lambda m, x: m(x, temb, femb), self.remat)
+        resnet = self.remat.wrap(lambda m, x: m(x, temb, femb))
         x = resnet(self.resnets[0], x)
-        x = remat(lambda m, x: m(x, context), self.remat)(self.attentions[0], x)
+        x = self.remat.wrap(lambda m, x: m(x, context))(self.attentions[0], x)
         return resnet(self.resnets[1], x)
 
 
