@@ -1,14 +1,16 @@
-"""Mesh construction and the logical-axis rules: the one place where sharding policy lives.
+"""Mesh construction, the axis names and the logical-axis rules: the one place where sharding policy lives.
 
-Model parameters carry logical axis names as `logical_axes` metadata (see models/layers.py); activations
-are named here ('batch', ...). A rules table maps each logical name to mesh axes, in the style of
-MaxDiffusion's `logical_axis_rules`. Data parallel, FSDP and hybrids differ only by that table and the mesh
-shape. A dimension that does not divide evenly over its mesh axes is replicated instead, so tiny test
-models run on any mesh.
+Model parameters carry logical axis names, the constants below, as `logical_axes` metadata (see
+models/layers.py; the models import nothing else from here); activations are named here (BATCH). A rules
+table maps each logical name to mesh axes, in the style of MaxDiffusion's `logical_axis_rules`. Data
+parallel, FSDP and hybrids differ only by that table and the mesh shape. A dimension that does not divide
+evenly over its mesh axes is replicated instead, so tiny test models run on any mesh; `log_unsplit` lists
+those at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Mapping, Sequence
@@ -19,20 +21,35 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
+
+# Logical axes: what a dimension of a parameter or an activation is.
+BATCH = "batch"
+EMBED = "embed"  # the width of a transformer's or an embedding's residual stream
+MLP = "mlp"  # the hidden width of a feed-forward or embedding MLP
+HEADS = "heads"  # attention heads x head width (queries, keys, values)
+CONV_IN = "conv_in"  # input channels of a convolution or a 1x1 projection of feature maps
+CONV_OUT = "conv_out"  # its output channels
+NORM = "norm"  # channels of a normalisation's scale and bias
+FRAMES = "frames"  # frames of a video
+
+# Mesh axes.
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+WINDOWS = "windows"  # the Outpainter's 1-D mesh over window batches (parameters replicated, no rules)
 
 # Default rules: the batch is split over every data-like axis; FSDP shards each kernel's input dimension
-# ('embed' / 'conv_in'); tensor parallelism (off unless the mesh has a 'tensor' axis > 1) shards heads and
+# (EMBED / CONV_IN); tensor parallelism (off unless the mesh has a TENSOR axis > 1) shards heads and
 # the feed-forward width.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("conv_in", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("conv_out", None),
-    ("norm", None),
-    ("frames", None),
+    (BATCH, (DATA, FSDP)),
+    (EMBED, FSDP),
+    (CONV_IN, FSDP),
+    (HEADS, TENSOR),
+    (MLP, TENSOR),
+    (CONV_OUT, None),
+    (NORM, None),
+    (FRAMES, None),
 )
 
 
@@ -76,10 +93,10 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
         return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
     # Multi-slice: only the data axis crosses slices (over the slower data-center network); FSDP and tensor
     # collectives stay on each slice's interconnect.
-    if sizes["data"] % slices:
+    if sizes[DATA] % slices:
         raise ValueError(f"mesh {sizes} on {slices} slices: the data axis spans the slices, so mesh.data must be a "
                          f"multiple of {slices}")
-    ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    ici = (sizes[DATA] // slices, sizes[FSDP], sizes[TENSOR])
     grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
@@ -93,20 +110,30 @@ def _mesh_axes(name: str | None, rules: Mapping) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target)
 
 
+def _resolve(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules: Sequence) -> tuple[P, list[tuple[int, str, tuple[str, ...]]]]:
+    """logical_to_spec's PartitionSpec, and (dimension, logical name, mesh axes dropped) for each dimension
+    whose split did not divide it."""
+    rules = dict(rules)
+    used: set[str] = set()
+    spec, undivided = [], []
+    for dim, (name, size) in enumerate(zip(logical_axes, shape)):
+        axes = [a for a in _mesh_axes(name, rules) if mesh.shape.get(a, 1) > 1 and a not in used]
+        wanted = tuple(axes)
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()  # drop the innermost split until the rest divides
+        if len(axes) < len(wanted):
+            undivided.append((dim, name, wanted[len(axes):]))
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec), undivided
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: Sequence = DEFAULT_RULES) -> P:
     """PartitionSpec for an array of `shape` whose dimensions carry `logical_axes`. Mesh axes of size 1,
     axes already used by an earlier dimension, and splits that do not divide the dimension are dropped."""
-    rules = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(logical_axes, shape):
-        axes = [a for a in _mesh_axes(name, rules) if mesh.shape.get(a, 1) > 1 and a not in used]
-        while axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes.pop()  # drop the innermost split until the rest divides
-        used.update(axes)
-        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
-    return P(*spec)
+    return _resolve(logical_axes, shape, mesh, rules)[0]
 
 
 def state_shardings(state, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
@@ -123,9 +150,39 @@ def state_shardings(state, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def unsplit_parameters(state, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> list[str]:
+    """One line per parameter of a (possibly abstract) pytree of nnx Variables that the rules ask to split
+    over mesh axes that do not divide it (it is replicated along those axes instead): its path, shape, and
+    each such dimension with its logical name and the mesh axes it is not split over."""
+    lines = []
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    for path, x in flat:
+        axes = x.get_metadata().get("logical_axes") if isinstance(x, nnx.Variable) else None
+        if not axes:
+            continue
+        shape = np.shape(x.get_value())
+        undivided = _resolve(axes, shape, mesh, rules)[1]
+        if undivided:
+            dims = ", ".join(f"dim {d} ({name}={shape[d]}) not over " + "x".join(f"{a}={mesh.shape[a]}" for a in axes)
+                             for d, name, axes in undivided)
+            lines.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} {tuple(shape)}: {dims}")
+    return lines
+
+
+def log_unsplit(state, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> None:
+    """Logs (at start-up) which parameters of `state` are not split as the rules ask on `mesh`."""
+    lines = unsplit_parameters(state, mesh, rules)
+    if not lines:
+        log.info("every parameter splits as the logical-axis rules ask on mesh %s", dict(mesh.shape))
+        return
+    log.info("%d parameters do not split as the logical-axis rules ask on mesh %s (a dimension does not divide "
+             "over its mesh axes, so they are replicated along them):\n  %s", len(lines), dict(mesh.shape),
+             "\n  ".join(lines))
+
+
 def batch_axes(mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> tuple[str, ...]:
     """The mesh axes (of size > 1) that split the batch."""
-    return tuple(a for a in _mesh_axes("batch", dict(rules)) if mesh.shape.get(a, 1) > 1)
+    return tuple(a for a in _mesh_axes(BATCH, dict(rules)) if mesh.shape.get(a, 1) > 1)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence = DEFAULT_RULES) -> NamedSharding:

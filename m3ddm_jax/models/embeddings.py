@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3ddm_jax.models.layers import Dtype, linear
+from m3ddm_jax.sharding import EMBED, MLP
 
 
 def sinusoidal_embedding(x: jax.Array, dim: int, *, max_period: float, flip_sin_to_cos: bool = True,
@@ -32,8 +33,8 @@ class TimestepEmbedding(nnx.Module):
     """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding: linear_1, linear_2)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
-        self.linear_1 = linear(in_dim, out_dim, rngs=rngs, dtype=dtype)
-        self.linear_2 = linear(out_dim, out_dim, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
+        self.linear_1 = linear(in_dim, out_dim, axes=(EMBED, MLP), rngs=rngs, dtype=dtype)
+        self.linear_2 = linear(out_dim, out_dim, axes=(MLP, EMBED), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(nnx.silu(self.linear_1(x)))

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from m3ddm_jax.models import attention
+from m3ddm_jax.sharding import CONV_IN, CONV_OUT, EMBED, HEADS, NORM
 
 Dtype = Any
 
@@ -57,8 +58,10 @@ def _init(init, axes):
     return nnx.with_metadata(init, logical_axes=axes)
 
 
-def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype, use_bias: bool = True,
-           axes: tuple = ("embed", "mlp")) -> nnx.Linear:
+def linear(in_features: int, out_features: int, *, axes: tuple[str, str], rngs: nnx.Rngs, dtype: Dtype,
+           use_bias: bool = True) -> nnx.Linear:
+    """A dense layer whose kernel's (input, output) dimensions carry the logical `axes` (m3ddm_jax.sharding
+    names); its bias carries the output's."""
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                       kernel_init=_init(nnx.initializers.lecun_normal(), axes),
                       bias_init=_init(nnx.initializers.zeros_init(), axes[-1:]), rngs=rngs)
@@ -78,11 +81,11 @@ def conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, rng
         padding = tuple((k // 2, k // 2) for k in kernel_size)
     elif isinstance(padding, int):
         padding = tuple((padding, padding) for _ in kernel_size)
-    axes = (None,) * len(kernel_size) + ("conv_in", "conv_out")
+    axes = (None,) * len(kernel_size) + (CONV_IN, CONV_OUT)
     return nnx.Conv(in_channels, out_channels, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
                     dtype=dtype, param_dtype=jnp.float32, precision=precision,
                     kernel_init=_init(nnx.initializers.lecun_normal(), axes),
-                    bias_init=_init(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
+                    bias_init=_init(nnx.initializers.zeros_init(), (CONV_OUT,)), rngs=rngs)
 
 
 def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: float) -> jax.Array:
@@ -107,8 +110,8 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_groups
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32), logical_axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32), logical_axes=("norm",))
+        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32), logical_axes=(NORM,))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32), logical_axes=(NORM,))
 
     def __call__(self, x: jax.Array, *, batch_axes: int = 1) -> jax.Array:
         c = x.shape[-1]
@@ -137,12 +140,10 @@ class Attention(nnx.Module):
         context_dim = context_dim or query_dim
         self.heads = heads
         self.attention_impl = attention.check_attention_impl(attention_impl)
-        self.to_q = linear(query_dim, query_dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
-        self.to_k = linear(context_dim, query_dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype,
-                           axes=("embed", "heads"))
-        self.to_v = linear(context_dim, query_dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype,
-                           axes=("embed", "heads"))
-        self.to_out = linear(query_dim, query_dim, rngs=rngs, dtype=dtype, axes=("heads", "embed"))
+        self.to_q = linear(query_dim, query_dim, axes=(EMBED, HEADS), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+        self.to_k = linear(context_dim, query_dim, axes=(EMBED, HEADS), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+        self.to_v = linear(context_dim, query_dim, axes=(EMBED, HEADS), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+        self.to_out = linear(query_dim, query_dim, axes=(HEADS, EMBED), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """x: (N, T, C); context: (N, S, C_ctx) or None. Returns (N, T, C)."""

@@ -30,6 +30,7 @@ from m3ddm_jax.models.embeddings import TimestepEmbedding, sinusoidal_embedding
 from m3ddm_jax.models.global_encoder import GlobalFrameEncoder
 from m3ddm_jax.models.layers import Attention, Dtype, GroupNorm, conv, linear
 from m3ddm_jax.models.remat import Remat
+from m3ddm_jax.sharding import CONV_IN, CONV_OUT, EMBED, MLP
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock3D", "DownBlockP3D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock3D", "UpBlockP3D"
@@ -131,8 +132,8 @@ class TemporalConv(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         self.kernel = nnx.Param(init(rngs.params(), (3, channels, channels), jnp.float32),
-                                logical_axes=(None, "conv_in", "conv_out"))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), logical_axes=("conv_out",))
+                                logical_axes=(None, CONV_IN, CONV_OUT))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), logical_axes=(CONV_OUT,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel.value.astype(self.dtype)[:, None, None]  # (3, 1, 1, I, O): no transposes needed
@@ -158,8 +159,8 @@ class FeedForward(nnx.Module):
     """GEGLU feed-forward: Linear C -> 8C, value * GELU(gate) (exact GELU), Linear 4C -> C."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Dtype, mult: int = 4):
-        self.proj = linear(dim, 2 * mult * dim, rngs=rngs, dtype=dtype)
-        self.out = linear(mult * dim, dim, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
+        self.proj = linear(dim, 2 * mult * dim, axes=(EMBED, MLP), rngs=rngs, dtype=dtype)
+        self.out = linear(mult * dim, dim, axes=(MLP, EMBED), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -201,16 +202,17 @@ class SpatialTemporalTransformer(nnx.Module):
                                              attention_impl=cfg.attention_impl)
         self.pos_dim, self.pos_max_period = cfg.temporal_position_dim, cfg.temporal_position_max_period
         self.norm = GroupNorm(channels, groups, TRANSFORMER_NORM_EPS, dtype=dt)
-        self.proj_in = linear(channels, channels, rngs=rngs, dtype=dt)
+        # proj_in / proj_out map feature-map channels into the transformer's residual width and back.
+        self.proj_in = linear(channels, channels, axes=(CONV_IN, EMBED), rngs=rngs, dtype=dt)
         self.transformer_blocks = nnx.List([block(cfg.cross_attention_dim)])
-        self.proj_out = linear(channels, channels, rngs=rngs, dtype=dt)
+        self.proj_out = linear(channels, channels, axes=(EMBED, CONV_OUT), rngs=rngs, dtype=dt)
         self.temporal = cfg.temporal_layers
         if self.temporal:
             self.norm2 = GroupNorm(channels, groups, TRANSFORMER_NORM_EPS, dtype=dt)
-            self.proj_in2 = linear(channels, channels, rngs=rngs, dtype=dt)
+            self.proj_in2 = linear(channels, channels, axes=(CONV_IN, EMBED), rngs=rngs, dtype=dt)
             self.temporal_position_embed_proj = TimestepEmbedding(self.pos_dim, channels, rngs=rngs, dtype=dt)
             self.transformer_blocks2 = nnx.List([block(None)])
-            self.proj_out2 = linear(channels, channels, rngs=rngs, dtype=dt)
+            self.proj_out2 = linear(channels, channels, axes=(EMBED, CONV_OUT), rngs=rngs, dtype=dt)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, f, h, w, c = x.shape
@@ -241,11 +243,14 @@ class ResnetBlockP3D(nnx.Module):
         dt, temb = cfg.compute_dtype, 4 * cfg.block_out_channels[0]
         self.norm1 = GroupNorm(cin, cfg.norm_num_groups, cfg.norm_eps, dtype=dt)
         self.conv1 = Pseudo3DConv(cin, cout, cfg.temporal_layers, rngs=rngs, dtype=dt)
-        self.time_emb_proj = linear(temb, cout, rngs=rngs, dtype=dt)
-        self.fps_emb_proj = linear(temb, cout, rngs=rngs, dtype=dt) if cfg.fps_conditioning else None
+        # The embeddings' width onto the conv channels they are added to.
+        self.time_emb_proj = linear(temb, cout, axes=(EMBED, CONV_OUT), rngs=rngs, dtype=dt)
+        self.fps_emb_proj = (linear(temb, cout, axes=(EMBED, CONV_OUT), rngs=rngs, dtype=dt) if cfg.fps_conditioning
+                             else None)
         self.norm2 = GroupNorm(cout, cfg.norm_num_groups, cfg.norm_eps, dtype=dt)
         self.conv2 = Pseudo3DConv(cout, cout, cfg.temporal_layers, rngs=rngs, dtype=dt)
-        self.conv_shortcut = linear(cin, cout, rngs=rngs, dtype=dt) if cin != cout else None
+        # A 1x1x1 convolution, as a dense layer on the channels.
+        self.conv_shortcut = linear(cin, cout, axes=(CONV_IN, CONV_OUT), rngs=rngs, dtype=dt) if cin != cout else None
 
     def __call__(self, x: jax.Array, temb: jax.Array, femb: jax.Array | None) -> jax.Array:
         h = self.conv1(nnx.silu(self.norm1(x)))

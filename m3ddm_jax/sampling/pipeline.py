@@ -34,6 +34,7 @@ from m3ddm_jax.sampling.schedule import WINDOW, WindowPlan, plan_windows
 from m3ddm_jax.sampling.settings import CANVAS_MODES, SamplerSettings
 from m3ddm_jax.sampling.window import (Hashed, WindowInputs, WindowSampler, call_spec, place, window_mesh,
                                        windows_per_call)
+from m3ddm_jax.sharding import WINDOWS
 from m3ddm_jax.video.canvas import (MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
                                     composite, composite_native, crop, global_frames, latent_mask, make_canvas,
                                     native_layout, official_layout, to_model_range, to_uint8)
@@ -149,7 +150,7 @@ class Outpainter:
         self.mesh = window_mesh(devices or jax.local_devices())
         self.num_devices = self.mesh.size
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._split = NamedSharding(self.mesh, PartitionSpec("windows"))
+        self._split = NamedSharding(self.mesh, PartitionSpec(WINDOWS))
         self.sampler.put_params(self._replicated)
         vae_graphdef, vae_params = nnx.split(vae)
         self.vae_graphdef = Hashed(vae_graphdef)

@@ -38,6 +38,7 @@ from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.flops import count_flops
 from m3ddm_jax.models.unet3d import UNet3D
 from m3ddm_jax.sampling.schedule import WINDOW
+from m3ddm_jax.sharding import WINDOWS
 
 
 class WindowInputs(NamedTuple):
@@ -61,7 +62,7 @@ WINDOWS_PER_DEVICE = 4  # default most windows per device in one sampler call (x
 
 def window_mesh(devices) -> Mesh:
     """The 1-D mesh ('windows') that a batch of windows is split over."""
-    return Mesh(np.asarray(list(devices)), ("windows",))
+    return Mesh(np.asarray(list(devices)), (WINDOWS,))
 
 
 def windows_per_call(requested: int, num_devices: int) -> int:
@@ -79,7 +80,7 @@ def call_spec(mesh: Mesh, windows: int, latent_hw: tuple[int, int], channels: in
     the global tokens, shaped like `tokens` (1, L, C)) and the initial noise are replicated."""
     h, w = latent_hw
     replicated = NamedSharding(mesh, PartitionSpec())
-    split = NamedSharding(mesh, PartitionSpec("windows")) if windows % mesh.size == 0 else replicated
+    split = NamedSharding(mesh, PartitionSpec(WINDOWS)) if windows % mesh.size == 0 else replicated
     each = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct((windows, *shape), dtype, sharding=split)
     shared = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct((1, *shape), dtype, sharding=replicated)
     latents = (frames, h, w, channels)

@@ -136,6 +136,7 @@ def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgr
     schedule = NoiseSchedule.from_config(cfg.scheduler.to_dict())
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
     codec_graphdef, codec_state = nnx.split(codec)
+    sharding.log_unsplit({"unet": params, "codec": codec_state}, mesh, rules)
     init = lambda p, r: train_step.init_state_from(p, r, tx)
     abstract_state = jax.eval_shape(init, params, rest)
     state_sh = sharding.state_shardings(abstract_state, mesh, rules)
