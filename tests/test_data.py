@@ -287,6 +287,39 @@ def test_latent_mask_and_global_masks():
         np.testing.assert_array_equal(out["latent_mask"], out["mask"][::8, ::8])  # the official nearest rule
 
 
+def test_model_range_and_latent_mask_serve_numpy_and_jit():
+    """The data (numpy) and the training objective (JAX, inside jit) share video.canvas's to_model_range and
+    latent_mask: the same dtypes and values (to float32 rounding) in both, uint8 values round-trip, and the
+    latent mask keeps the pixel mask's convention (1 = generate) at each cell's top-left pixel."""
+    import jax
+
+    from m3ddm_jax.video import latent_mask, to_model_range, to_uint8
+
+    u8 = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+    x = to_model_range(u8)
+    assert x.dtype == np.float32 and (x.min(), x.max()) == (-1.0, 1.0)
+    np.testing.assert_array_equal(np.diff(x.ravel()) > 0, True)  # strictly increasing in the uint8 value
+    np.testing.assert_array_equal(to_uint8(x * 0.5 + 0.5), u8)
+    traced = np.asarray(jax.jit(to_model_range)(u8))
+    assert traced.dtype == x.dtype
+    np.testing.assert_allclose(traced, x, rtol=0, atol=2**-23)  # XLA may round x / 255 one float32 step apart
+    np.testing.assert_array_equal(to_uint8(traced * 0.5 + 0.5), u8)
+
+    rng = np.random.default_rng(4)
+    h, w = 48, 64
+    for _ in range(20):
+        outpaint = sample_outpaint(MaskConfig(), rng, h, w)
+        mask = outpaint.mask(h, w)
+        top, bottom, left, right = outpaint.margins
+        yy, xx = np.meshgrid(np.arange(0, h, 8), np.arange(0, w, 8), indexing="ij")
+        generated = (yy < top) | (yy >= h - bottom) | (xx < left) | (xx >= w - right)
+        for got in (latent_mask(mask), np.asarray(jax.jit(latent_mask)(mask))):
+            assert got.dtype == mask.dtype
+            np.testing.assert_array_equal(got, generated.astype(mask.dtype))
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        latent_mask(np.zeros((20, 24), np.uint8))
+
+
 def test_config_validation_and_configdict():
     from ml_collections import ConfigDict
 

@@ -206,12 +206,13 @@ def test_cached_latents_give_the_same_inputs_as_pixels():
 
     from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
     from m3ddm_jax.training import objective
+    from m3ddm_jax.video import to_model_range
 
     codec = PixelSpace(PixelSpaceConfig(factor=2))
     batch = tiny_batch(np.random.default_rng(0))
     cached = dict(batch)
     for key, name in (("frames", "latent"), ("global_frames", "global_latent")):
-        x = objective.to_unit_range(cached.pop(key))
+        x = to_model_range(cached.pop(key))
         mean, std = codec.encode(x.reshape(-1, *x.shape[2:]))
         cached[f"{name}_mean"] = mean.reshape(*x.shape[:2], *mean.shape[1:])
         cached[f"{name}_std"] = std.reshape(*x.shape[:2], *std.shape[1:])

@@ -3,7 +3,6 @@
 from m3ddm_jax.sampling.schedule import (
     Window,
     WindowPlan,
-    global_frame_indices,
     official_strides,
     plan_windows,
 )
@@ -11,4 +10,4 @@ from m3ddm_jax.sampling.window import WindowInputs, WindowSampler, combine, guid
 from m3ddm_jax.sampling.pipeline import Draws, Outpainted, Outpainter, make_layout
 
 __all__ = ["Draws", "Outpainted", "Outpainter", "Window", "WindowInputs", "WindowPlan", "WindowSampler", "combine",
-           "global_frame_indices", "guidance_branches", "make_layout", "official_strides", "plan_windows"]
+           "guidance_branches", "make_layout", "official_strides", "plan_windows"]

@@ -16,19 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 WINDOW = 16
 HOP = WINDOW - 1  # consecutive windows of one level share one frame
 
 
 def official_strides(num_frames: int) -> tuple[int, ...]:
     return (15, 5, 1) if num_frames >= 50 else (1,)
-
-
-def global_frame_indices(num_frames: int, count: int = WINDOW) -> tuple[int, ...]:
-    """The frames the official code encodes as global context: np.linspace(0, N - 1, count) truncated."""
-    return tuple(int(f) for f in np.linspace(0, num_frames - 1, count, dtype=int))
 
 
 @dataclasses.dataclass(frozen=True)

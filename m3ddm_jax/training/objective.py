@@ -33,16 +33,7 @@ import jax.numpy as jnp
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
 from m3ddm_jax.models.unet3d import UNet3D
 from m3ddm_jax.models.vae import LatentCodec
-
-
-def to_unit_range(frames_u8: jax.Array) -> jax.Array:
-    """uint8 -> float32 in [-1, 1], as the official preprocessing ((x / 255 - 0.5) / 0.5)."""
-    return (frames_u8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
-def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
-    """(..., H, W) pixel mask -> (..., H/f, W/f): the pixel at the top-left of each latent cell."""
-    return mask[..., ::factor, ::factor]
+from m3ddm_jax.video.canvas import latent_mask, to_model_range
 
 
 def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array) -> jax.Array:
@@ -66,7 +57,7 @@ def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
         x0 = _posterior_sample(codec, batch["latent_mean"], batch["latent_std"], k_clip)
         factor = mask.shape[1] // x0.shape[2]
     else:
-        frames = to_unit_range(batch["frames"])
+        frames = to_model_range(batch["frames"])
         x0 = encode_frames(codec, frames, k_clip)
         factor = frames.shape[2] // x0.shape[2]
     m = latent_mask(mask, factor)[:, None, :, :, None] * (1.0 - given.astype(jnp.float32))
@@ -87,7 +78,7 @@ def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
         gmask = batch["global_masked"][:, :, None, None, None] & (latent_mask(mask, factor)[:, None, :, :, None] > 0)
         global_latents = jnp.where(gmask, black, g)
     else:
-        g = to_unit_range(batch["global_frames"])
+        g = to_model_range(batch["global_frames"])
         gmask = batch["global_masked"][:, :, None, None, None] & (mask[:, None, :, :, None] > 0)
         global_latents = encode_frames(codec, jnp.where(gmask, -1.0, g), k_global)
     global_latents = jnp.where(batch["drop_global"][:, None, None, None, None], 0.0, global_latents)

@@ -250,9 +250,11 @@ def telea_fill(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.stack([cv2.inpaint(frame, mask, TELEA_RADIUS, cv2.INPAINT_TELEA) for frame in frames])
 
 
-def to_model_range(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], as the official (x / 255 - 0.5) / 0.5, bit for bit."""
-    return (np.asarray(images).astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+def to_model_range(images):
+    """uint8 -> float32 in [-1, 1], as the official (x / 255 - 0.5) / 0.5, bit for bit on numpy arrays. JAX
+    arrays too (the training objective calls it inside jit, where XLA may round x / 255 one float32 step
+    apart); returns the same kind."""
+    return (images.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -260,9 +262,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
 
 
-def latent_mask(mask: np.ndarray, factor: int = LATENT_FACTOR) -> np.ndarray:
+def latent_mask(mask, factor: int = LATENT_FACTOR):
     """Pixel mask (..., H, W) -> latent mask (..., H/8, W/8) by nearest sampling: latent[i, j] = pixel[8i, 8j]
-    (the top-left pixel of each block, so bands not aligned to 8 pixels become asymmetric, as officially)."""
+    (the top-left pixel of each block, so bands not aligned to 8 pixels become asymmetric, as officially).
+    Numpy or JAX arrays, same dtype: 1 = generate, 0 = keep, as the pixel mask."""
     h, w = mask.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"mask size {h}x{w} is not a multiple of {factor}; the canvas sides must be "
