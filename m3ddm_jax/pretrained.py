@@ -8,6 +8,7 @@ A weights folder (written by tools/convert_checkpoint.py) holds one sub-folder p
 
 Parameters are stored float32 under their Flax paths ('down_blocks.0.resnets.1.norm1.scale'), so loading
 is a name-for-name copy into an abstract model: no PyTorch, no layout changes, no second copy in memory.
+A damaged file of a folder (truncated, overwritten) is a sources.CheckpointReadError naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from m3ddm_jax import fileio
-from m3ddm_jax.convert.mapping import CheckpointMismatchError
+from m3ddm_jax.convert.mapping import FLOAT_DTYPES, CheckpointMismatchError
+from m3ddm_jax.convert.sources import damaged, open_state_dict
 from m3ddm_jax.models.layers import make_rngs
 from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3D, UNet3DConfig
@@ -96,36 +98,49 @@ def _require(path: str, folder: str) -> None:
                                 f"(write one with tools/convert_checkpoint.py)")
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            value = json.load(f)
+    except ValueError as err:  # JSON or UTF-8 decoding
+        raise damaged(path, f"not a readable JSON file ({err})") from err
+    if not isinstance(value, dict):
+        raise damaged(path, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_config(folder: str, **overrides: Any):
     """The model config of a folder written by `save_model` (its config.json only; no weights are read)."""
     config_path = os.path.join(folder, CONFIG_FILE)
     _require(config_path, folder)
-    with open(config_path) as f:
-        fields = json.load(f)
+    fields = _read_json(config_path)
     name = fields.pop("_class_name", None)
     if name not in MODEL_CLASSES:
         raise ValueError(f"{config_path}: unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    return dataclasses.replace(MODEL_CLASSES[name][1](**fields), **overrides)
+    try:
+        config = MODEL_CLASSES[name][1](**fields)
+    except TypeError as err:  # a field the class does not have
+        raise damaged(config_path, f"not a {name} config ({err})") from err
+    return dataclasses.replace(config, **overrides)
 
 
 def load_model(folder: str, **overrides: Any) -> nnx.Module:
     """Loads a model folder written by `save_model`. `overrides` replace config fields (e.g. dtype)."""
-    from safetensors import safe_open
-
     params_path = os.path.join(folder, PARAMS_FILE)
     _require(params_path, folder)
     model = abstract_model(read_config(folder, **overrides))
     graphdef, abstract = nnx.split(model)
     flat = nnx.to_flat_state(abstract)
-    with safe_open(params_path, framework="numpy") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        expected = {_key(p): tuple(v.shape) for p, v in flat}
-        missing = sorted(set(expected) - set(stored))
-        unexpected = sorted(set(stored) - set(expected))
-        mismatched = [(k, stored[k], expected[k]) for k in expected if k in stored and stored[k] != expected[k]]
-        if missing or unexpected or mismatched:
-            raise CheckpointMismatchError(params_path, missing, unexpected, mismatched)
-        leaves = [(p, v.replace(np.asarray(f.get_tensor(_key(p)), v.dtype))) for p, v in flat]
+    source = open_state_dict(params_path)
+    stored = source.shapes
+    expected = {_key(p): tuple(v.shape) for p, v in flat}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = [(k, stored[k], expected[k]) for k in expected if k in stored and stored[k] != expected[k]]
+    not_float = sorted((k, d) for k, d in source.dtypes.items() if d not in FLOAT_DTYPES)
+    if missing or unexpected or mismatched or not_float:
+        raise CheckpointMismatchError(params_path, missing, unexpected, mismatched, not_float=not_float)
+    leaves = [(p, v.replace(np.asarray(source[_key(p)], v.dtype))) for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -168,5 +183,4 @@ def read_scheduler_config(folder: str, default: dict | None = None) -> dict:
         if default is not None:
             return default
         raise FileNotFoundError(f"{path} is missing: {folder} is not a complete weights folder")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)

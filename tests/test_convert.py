@@ -197,3 +197,68 @@ def test_tampered_weights_folder(tmp_path, reference_dir):
     save_file(params, str(tmp_path / pretrained.PARAMS_FILE))
     with pytest.raises(CheckpointMismatchError, match="missing keys: conv_out.temporal_conv.bias"):
         pretrained.load_model(str(tmp_path))
+
+
+def damage(path, how: str) -> None:
+    """Truncates a file to half its size, or replaces its bytes with text."""
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if how == "truncated" else b"not what it should be")
+
+
+@pytest.mark.parametrize("part, how", [
+    (f"unet/{pretrained.PARAMS_FILE}", "truncated"), (f"vae/{pretrained.PARAMS_FILE}", "garbage"),
+    (f"unet/{pretrained.CONFIG_FILE}", "truncated"),
+    (f"{pretrained.SCHEDULER}/{pretrained.SCHEDULER_FILE}", "garbage")])
+def test_damaged_weights_folder_is_one_clear_error(tmp_path, tiny_weights, capsys, part, how):
+    """A damaged file of a weights folder is a CheckpointReadError naming the file and the fix, whichever
+    part it is; the CLIs that load a folder print it as one line and exit 1."""
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    path = folder / part
+    damage(path, how)
+    with pytest.raises(CheckpointReadError, match=f"(?s){re.escape(str(path))}.*convert_checkpoint"):
+        pretrained.load_weights(str(folder))
+
+    from m3ddm_jax import outpaint
+
+    video = REPO / "assets" / "videos" / "stream_of_water.mp4"
+    rc = outpaint.main([str(video), "--ratio", "9:16", "--output", str(tmp_path / "out.mp4"),
+                        "--weights", str(folder), "--mode", "native", "--canvas-size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and f"{path}: " in err and "Traceback" not in err, err
+    rc = convert_checkpoint.main(["inflate", "--src", str(folder), "--dst", str(tmp_path / "inflated")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: {path}: "), err
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "inflated").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_non_float_tensors_are_named(tmp_path, reference_dir, official, fmt, capsys):
+    """Integer tensors are not cast to float: each one is listed with its name and dtype, in the same error as
+    missing or misshapen tensors."""
+    sd = dict(official[0])
+    sd["conv_out.spatial_conv.weight"] = sd["conv_out.spatial_conv.weight"].astype(np.int8)
+    sd["conv_in.bias"] = sd["conv_in.bias"].astype(np.int32)
+    write_checkpoint(tmp_path / "src", sd, reference_dir, fmt=fmt)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"(?s)2 not floating-point.*conv_in\.bias \(int32\), conv_out\.spatial_conv\.weight \(int8\)"):
+        m3ddm.load_official(str(tmp_path / "src"))
+    rc = convert_checkpoint.main(["m3ddm", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "out")])
+    assert rc == 1 and "conv_out.spatial_conv.weight (int8)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bfloat16_checkpoint_converts(tmp_path, reference_dir, official):
+    """fp32, fp16 (test_pickled_checkpoint_folder) and bf16 sources all convert; bf16 values exactly."""
+    from safetensors.torch import save_file as save_torch
+
+    sd, expected = official
+    os.makedirs(tmp_path / "src")
+    shutil.copy(reference_dir / "config.json", tmp_path / "src" / "config.json")
+    save_torch({k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in sd.items()},
+               str(tmp_path / "src" / "diffusion_pytorch_model.safetensors"))
+    got = flat_params(m3ddm.load_official(str(tmp_path / "src")))
+    for k, v in expected.items():
+        want = torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16).to(torch.float32).numpy()
+        np.testing.assert_array_equal(got[k], want, err_msg=k)

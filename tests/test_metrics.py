@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import VIDEOS
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
+from m3ddm_jax.convert.sources import CheckpointReadError
 from m3ddm_jax.metrics import (FeatureStats, clip_indices, frechet_distance, i3d_inputs, load_i3d, load_lpips, psnr,
                                ssim, video_features)
 from m3ddm_jax.video.io import read_video
@@ -160,6 +161,11 @@ def test_lpips_bad_files(lpips_pair, tmp_path):
         load_lpips(str(tmp_path / "nope.pth"), alex_path)
     with pytest.raises(CheckpointMismatchError, match=r"(?s)LPIPS AlexNet trunk .*missing keys: .*features\.0\.weight"):
         load_lpips(lin_path, lin_path)  # the head file given as the trunk
+    truncated = tmp_path / "alex_truncated.pth"
+    data = open(alex_path, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointReadError, match=f"{truncated}: .*truncated or corrupt: check the path"):
+        load_lpips(lin_path, str(truncated))
     model = load_lpips(lin_path, alex_path)
     with pytest.raises(ValueError, match=r"`pred` \(1, 32, 32, 3\) and `target` \(1, 32, 48, 3\)"):
         model(np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, 32, 48, 3), np.float32))

@@ -6,11 +6,10 @@ import json
 import os
 from typing import Mapping, Sequence
 
-import numpy as np
 from flax import nnx
 
 from m3ddm_jax.convert import mapping
-from m3ddm_jax.convert.sources import TensorSource, find_weights, open_state_dict
+from m3ddm_jax.convert.sources import as_source, find_weights, open_state_dict
 from m3ddm_jax.models.layers import make_rngs
 from m3ddm_jax.models.unet3d import UNet3D, UNet3DConfig
 
@@ -35,10 +34,9 @@ def check_unet_shapes(config: UNet3DConfig, torch_shapes: Mapping[str, Sequence[
 
 def unet_from_torch(source: Mapping, config: UNet3DConfig) -> UNet3D:
     """Builds the Flax UNet from an official state dict (a TensorSource or any name -> array mapping)."""
-    shapes = source.shapes if isinstance(source, TensorSource) else {k: np.shape(v) for k, v in source.items()}
     model = abstract_unet(config)
     graphdef, _ = nnx.split(model)
-    state = mapping.flax_state_from_torch(model, source.__getitem__, shapes, what="M3DDM UNet",
+    state = mapping.flax_state_from_torch(model, as_source(source), what="M3DDM UNet",
                                           renames=UNET_RENAMES)
     return nnx.merge(graphdef, state)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
@@ -27,18 +27,22 @@ _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean":
                   "var": "running_var"}
 
 CONFIG_HINT = "Check that the config (config.json) belongs to these weights, and that the file is the right model."
+# Stored dtypes a conversion reads (as float32); any other (int8, a quantised fp8, ...) is a mismatch, not a cast.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class CheckpointMismatchError(ValueError):
-    """A state dict does not match the model: lists every missing, unexpected and misshapen tensor, then
-    `hint`, the likely fix (by default: a config that does not belong to the weights)."""
+    """A state dict does not match the model: lists every missing, unexpected, misshapen and non-floating-point
+    tensor, then `hint`, the likely fix (by default: a config that does not belong to the weights)."""
 
     def __init__(self, what: str, missing: Sequence[str], unexpected: Sequence[str],
-                 mismatched: Sequence[tuple[str, tuple, tuple]], hint: str = CONFIG_HINT):
+                 mismatched: Sequence[tuple[str, tuple, tuple]], hint: str = CONFIG_HINT,
+                 not_float: Sequence[tuple[str, str]] = ()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.not_float = list(not_float)
+        counts = f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} with the wrong shape"
         lines = [f"{what}: the checkpoint does not match the model "
-                 f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                 f"{len(self.mismatched)} with the wrong shape)."]
+                 f"({counts}{f', {len(self.not_float)} not floating-point' if self.not_float else ''})."]
         show = lambda xs: ", ".join(map(str, xs[:20])) + (f", ... ({len(xs) - 20} more)" if len(xs) > 20 else "")
         if self.missing:
             lines.append(f"  missing keys: {show(self.missing)}")
@@ -47,6 +51,9 @@ class CheckpointMismatchError(ValueError):
         if self.mismatched:
             lines.append("  shape mismatches: " + show(
                 [f"{k} (checkpoint {tuple(s)}, model expects {tuple(e)} in Flax layout)" for k, s, e in self.mismatched]))
+        if self.not_float:
+            lines.append(f"  not floating-point ({', '.join(FLOAT_DTYPES)} convert): "
+                         + show([f"{k} ({d})" for k, d in self.not_float]))
         lines.append(f"  {hint}")
         super().__init__("\n".join(lines))
 
@@ -98,9 +105,11 @@ class Plan:
 
 
 def plan(flat_state: Iterable[tuple[tuple, object]], torch_shapes: Mapping[str, Sequence[int]], *, what: str,
-         renames: Iterable[tuple[str, str]] = (), hint: str = CONFIG_HINT) -> Plan:
-    """Matches a flat Flax state against PyTorch key -> shape. Raises CheckpointMismatchError listing every
-    problem at once (ending with `hint`); returns the plan otherwise."""
+         renames: Iterable[tuple[str, str]] = (), hint: str = CONFIG_HINT,
+         torch_dtypes: Mapping[str, str] | None = None) -> Plan:
+    """Matches a flat Flax state against PyTorch key -> shape (and, given `torch_dtypes`, key -> dtype name:
+    only FLOAT_DTYPES convert). Raises CheckpointMismatchError listing every problem at once (ending with
+    `hint`); returns the plan otherwise."""
     renames = list(renames)
     targets, missing, mismatched = {}, [], []
     for path, var in flat_state:
@@ -117,25 +126,27 @@ def plan(flat_state: Iterable[tuple[tuple, object]], torch_shapes: Mapping[str, 
             mismatched.append((name, tuple(torch_shapes[name]), shape))
     ignored = [k for k in torch_shapes if k not in targets and k.endswith(IGNORED_SUFFIXES)]
     unexpected = [k for k in torch_shapes if k not in targets and k not in ignored]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
+    not_float = sorted((k, torch_dtypes[k]) for k in targets
+                       if torch_dtypes and k in torch_dtypes and torch_dtypes[k] not in FLOAT_DTYPES)
+    if missing or unexpected or mismatched or not_float:
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint, not_float)
     return Plan(targets, ignored)
 
 
-def flax_state_from_torch(abstract_model: nnx.Module, get_tensor: Callable[[str], np.ndarray],
-                          torch_shapes: Mapping[str, Sequence[int]], *, what: str,
+def flax_state_from_torch(abstract_model: nnx.Module, source, *, what: str,
                           renames: Iterable[tuple[str, str]] = (), hint: str = CONFIG_HINT) -> nnx.State:
     """Fills the state of an abstract model (from `nnx.eval_shape`) from PyTorch tensors, one at a time.
 
-    `get_tensor(name)` loads a single tensor, so a 1.3B-parameter checkpoint never exists twice in memory.
+    `source` is a sources.TensorSource (its `shapes` and `dtypes` are checked first); `source[name]` loads a
+    single tensor, so a 1.3B-parameter checkpoint never exists twice in memory.
     """
     state = nnx.state(abstract_model)
     flat = nnx.to_flat_state(state)
-    p = plan(flat, torch_shapes, what=what, renames=renames, hint=hint)
+    p = plan(flat, source.shapes, what=what, renames=renames, hint=hint, torch_dtypes=source.dtypes)
     by_path = {path: name for name, (path, _) in p.targets.items()}
     leaves = []
     for path, var in flat:
-        x = np.asarray(get_tensor(by_path[tuple(path)]))
+        x = np.asarray(source[by_path[tuple(path)]])
         x = to_flax_layout(x, str(path[-1]), len(var.shape))
         leaves.append((path, var.replace(np.ascontiguousarray(x, dtype=var.dtype))))
     return nnx.from_flat_state(leaves)

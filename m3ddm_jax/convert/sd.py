@@ -20,12 +20,11 @@ import os
 import re
 from typing import Mapping
 
-import numpy as np
 from flax import nnx
 
 from m3ddm_jax import pretrained
 from m3ddm_jax.convert import m3ddm, mapping, vae as vae_convert
-from m3ddm_jax.convert.sources import TensorSource, find_weights, open_state_dict
+from m3ddm_jax.convert.sources import TensorSource, as_source, find_weights, open_state_dict
 from m3ddm_jax.models.layers import make_rngs
 from m3ddm_jax.models.unet3d import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP, UNet3D, UNet3DConfig
 from m3ddm_jax.models.vae import AutoencoderKL, VAEConfig
@@ -101,10 +100,6 @@ def sd_unet_config(d: Mapping, **overrides) -> UNet3DConfig:
     return UNet3DConfig.from_diffusers(d, **{**SD_MODE, **overrides})
 
 
-def _shapes(source: Mapping) -> dict:
-    return source.shapes if isinstance(source, TensorSource) else {k: tuple(np.shape(v)) for k, v in source.items()}
-
-
 def diffusers_unet_names(config: UNet3DConfig) -> list[str]:
     """The diffusers state-dict keys of the SD UNet with this (2D-mode) config."""
     flat = nnx.to_flat_state(nnx.state(m3ddm.abstract_unet(config)))
@@ -114,7 +109,7 @@ def diffusers_unet_names(config: UNet3DConfig) -> list[str]:
 def unet_from_diffusers(source: Mapping, config: UNet3DConfig, *, what: str = "SD UNet") -> UNet3D:
     """The Flax SD UNet from a diffusers UNet2DConditionModel state dict (a TensorSource or a mapping)."""
     abstract = m3ddm.abstract_unet(config)
-    state = mapping.flax_state_from_torch(abstract, source.__getitem__, _shapes(source), what=what,
+    state = mapping.flax_state_from_torch(abstract, as_source(source), what=what,
                                           renames=SD_UNET_RENAMES)
     return nnx.merge(nnx.graphdef(abstract), state)
 
@@ -193,9 +188,7 @@ def _renamed(source: TensorSource, to_ldm: Mapping[str, str]) -> TensorSource:
     """`source` (LDM keys) under diffusers keys; keys outside the table keep their name, so a mismatch
     lists them as unexpected."""
     to_diffusers = {ldm: name for name, ldm in to_ldm.items()}
-    original = {to_diffusers.get(k, k): k for k in source.shapes}
-    return TensorSource(source.path, {k: source.shapes[v] for k, v in original.items()},
-                        lambda k: source[original[k]])
+    return source.renamed({to_diffusers.get(k, k): k for k in source.shapes})
 
 
 def _prefix_counts(keys) -> str:

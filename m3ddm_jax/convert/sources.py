@@ -1,13 +1,18 @@
 """Reading PyTorch checkpoints safely and lazily: safetensors first, pickles only without running code.
 
-A `TensorSource` knows every key's shape up front and loads one tensor at a time as float32 numpy, so a
-2.6 GB fp16 pickle is memory-mapped rather than copied, and each tensor is converted and dropped in turn.
+A `TensorSource` knows every key's shape and dtype up front and loads one tensor at a time as float32 numpy,
+so a 2.6 GB fp16 pickle is memory-mapped rather than copied, and each tensor is converted and dropped in
+turn. The dtypes let a conversion refuse non-float tensors (mapping.plan) instead of casting them.
+
+`CheckpointReadError` is the one error for a weights file that cannot be read, whoever reads it: converter
+sources here, weights folders (pretrained.py), metric weights (metrics/weights.py).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from typing import Iterator, Mapping
 
@@ -15,14 +20,33 @@ import numpy as np
 
 
 class CheckpointReadError(ValueError):
-    """A checkpoint file cannot be read (truncated, corrupt, unsafe, or of an unknown format)."""
+    """A checkpoint or weights file cannot be read (truncated, corrupt, unsafe, or of an unknown format)."""
+
+
+DAMAGED_FIX = ("The file may be truncated or corrupt: check the path, then download it again (or, for a folder "
+               "written by tools/convert_checkpoint.py, convert it again).")
+
+
+def damaged(path: str, problem: str) -> CheckpointReadError:
+    """The error for a damaged file: names it, what is wrong and what to do."""
+    return CheckpointReadError(f"{path}: {problem}. {DAMAGED_FIX}")
+
+
+def dtype_name(dtype) -> str:
+    """numpy / torch dtypes and safetensors' codes ('F16', 'BF16', 'I8') -> 'float16', 'bfloat16', 'int8'."""
+    name = str(dtype).removeprefix("torch.")
+    code = re.fullmatch(r"(BF|F|I|U)(\d.*)", name)  # safetensors: F32, BF16, I8, U8, F8_E4M3; also BOOL
+    if code:
+        return {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}[code[1]] + code[2].lower()
+    return name.lower()
 
 
 class TensorSource(Mapping):
-    """Read-only mapping key -> float32 numpy array, with `shapes` known without loading any tensor."""
+    """Read-only mapping key -> float32 numpy array, with `shapes` and `dtypes` (the stored ones, by name)
+    known without loading any tensor."""
 
-    def __init__(self, path: str, shapes: dict[str, tuple], getter):
-        self.path, self.shapes, self._get = path, shapes, getter
+    def __init__(self, path: str, shapes: dict[str, tuple], getter, dtypes: dict[str, str]):
+        self.path, self.shapes, self._get, self.dtypes = path, shapes, getter, dtypes
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self.shapes:
@@ -35,15 +59,27 @@ class TensorSource(Mapping):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def renamed(self, original: Mapping[str, str]) -> "TensorSource":
+        """The tensors `original` names (new key -> key here), under their new keys."""
+        return TensorSource(self.path, {k: self.shapes[v] for k, v in original.items()},
+                            lambda k: self._get(original[k]), {k: self.dtypes[v] for k, v in original.items()})
+
     def with_prefix(self, prefix: str) -> "TensorSource":
         """The sub-mapping of keys starting with `prefix`, with the prefix removed."""
-        shapes = {k[len(prefix):]: s for k, s in self.shapes.items() if k.startswith(prefix)}
-        return TensorSource(self.path, shapes, lambda k: self._get(prefix + k))
+        return self.renamed({k[len(prefix):]: k for k in self.shapes if k.startswith(prefix)})
 
     def without_prefix(self, prefix: str) -> "TensorSource":
         """The sub-mapping of keys not starting with `prefix`."""
-        shapes = {k: s for k, s in self.shapes.items() if not k.startswith(prefix)}
-        return TensorSource(self.path, shapes, self._get)
+        return self.renamed({k: k for k in self.shapes if not k.startswith(prefix)})
+
+
+def as_source(tensors: Mapping, path: str = "") -> TensorSource:
+    """`tensors` (a TensorSource, or a state dict in memory: name -> numpy array or torch tensor) as a
+    TensorSource."""
+    if isinstance(tensors, TensorSource):
+        return tensors
+    return TensorSource(path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__,
+                        {k: dtype_name(v.dtype) for k, v in tensors.items()})
 
 
 def _open_safetensors(path: str) -> TensorSource:
@@ -51,10 +87,9 @@ def _open_safetensors(path: str) -> TensorSource:
 
     try:
         handle = safe_open(path, framework="numpy")
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        slices = {k: handle.get_slice(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointReadError(f"{path}: not a readable safetensors file ({e}). The file may be truncated or "
-                                  f"corrupt; download or convert it again.") from e
+        raise damaged(path, f"not a readable safetensors file ({e})") from e
 
     def get(key):
         try:
@@ -62,9 +97,10 @@ def _open_safetensors(path: str) -> TensorSource:
         except Exception as e:  # bfloat16 needs torch; the error names the fix
             if "bfloat16" in str(e) or "bf16" in str(e).lower():
                 return _torch_to_numpy(_safetensors_torch(path, key))
-            raise CheckpointReadError(f"{path}: tensor {key!r} cannot be read ({e})") from e
+            raise damaged(path, f"tensor {key!r} cannot be read ({e})") from e
 
-    return TensorSource(path, shapes, get)
+    return TensorSource(path, {k: tuple(s.get_shape()) for k, s in slices.items()}, get,
+                        {k: dtype_name(s.get_dtype()) for k, s in slices.items()})
 
 
 def _safetensors_torch(path, key):
@@ -96,14 +132,13 @@ def _open_pickle(path: str) -> TensorSource:
             f"tensors (torch.load weights_only=True said: {str(e).splitlines()[0]}). Only load checkpoints from "
             f"sources you trust, and prefer safetensors.") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file "
-                                  f"may be truncated or corrupt; download it again.") from e
+        raise damaged(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]  # Lightning / original SD .ckpt layout
     if not isinstance(sd, Mapping) or not all(hasattr(v, "shape") for v in sd.values()):
         raise CheckpointReadError(f"{path}: expected a state dict (name -> tensor), found {type(sd).__name__}")
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    return TensorSource(path, shapes, lambda k: _torch_to_numpy(sd[k]))
+    return TensorSource(path, {k: tuple(v.shape) for k, v in sd.items()}, lambda k: _torch_to_numpy(sd[k]),
+                        {k: dtype_name(v.dtype) for k, v in sd.items()})
 
 
 def open_state_dict(path: str) -> TensorSource:

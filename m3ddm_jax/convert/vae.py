@@ -10,7 +10,7 @@ from typing import Mapping
 from flax import nnx
 
 from m3ddm_jax.convert.mapping import flax_state_from_torch
-from m3ddm_jax.convert.sources import find_weights, open_state_dict
+from m3ddm_jax.convert.sources import as_source, find_weights, open_state_dict
 from m3ddm_jax.models.vae import AutoencoderKL, VAEConfig
 
 # The shared Attention keeps its output projection as `to_out`; diffusers wraps it in a ModuleList.
@@ -34,18 +34,17 @@ def vae_from_torch(source: Mapping, config: VAEConfig) -> AutoencoderKL:
     `source` is a `TensorSource` or any mapping key -> array; tensors are read one at a time. A key set
     or shape that does not fit `config` raises `CheckpointMismatchError` listing every problem.
     """
-    shapes = source.shapes if hasattr(source, "shapes") else {k: tuple(v.shape) for k, v in source.items()}
+    source = as_source(source)
     original = {}  # modern key -> key in `source`
-    for name in shapes:
+    for name in source.shapes:
         modern = modern_attention_name(name)
         if modern in original:
             raise ValueError(f"VAE checkpoint holds both {original[modern]!r} and {name!r}, two names of the same "
                              f"tensor; keep one naming")
         original[modern] = name
     abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-    state = flax_state_from_torch(
-        abstract, lambda k: source[original[k]], {k: shapes[v] for k, v in original.items()},
-        what=f"AutoencoderKL {getattr(source, 'path', '')}".rstrip(), renames=RENAMES)
+    state = flax_state_from_torch(abstract, source.renamed(original), what=f"AutoencoderKL {source.path}".rstrip(),
+                                  renames=RENAMES)
     return nnx.merge(nnx.graphdef(abstract), state)
 
 

@@ -27,8 +27,8 @@ def _fill(module: nnx.Module, path: str, role: str, *, renames=(), skip: tuple[s
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{role}: weight file {path} does not exist; give the path of the {role} file")
     source = open_state_dict(path)
-    shapes = {k: s for k, s in source.shapes.items() if not k.startswith(skip)}
-    nnx.update(module, flax_state_from_torch(module, source.__getitem__, shapes, what=f"{role}, {path}",
+    source = source.renamed({k: k for k in source.shapes if not k.startswith(skip)})
+    nnx.update(module, flax_state_from_torch(module, source, what=f"{role}, {path}",
                                              renames=renames, hint=f"Check that {path} is the {role} file."))
 
 
