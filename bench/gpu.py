@@ -428,7 +428,7 @@ def section_step_flops(rec: Recorder, args) -> None:
     if step_s:
         achieved = flops / step_s
         rec["median_step_s"] = step_s
-        rec["achieved_tflops_per_s"] = round(achieved / 1e12, 2)
+        rec["achieved_tflops_per_s"] = float(f"{achieved / 1e12:.4g}")
         if rec.data.get("matmul_peak"):
             rec["share_of_matmul_peak"] = round(achieved / 1e12 / rec.data["matmul_peak"]["tflops_per_s"], 4)
         compiled = (window.get("compiled_per_step") or {}).get("flops")
