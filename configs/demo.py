@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"  # skip (count and go on) | halt
+    # nonfinite='skip' stops after this many skipped steps in a row: skipped steps leave the parameters as they
+    # were, so 10 fresh batches failing in a row means the state, not the data, went bad (a lone bad batch
+    # skips one step); 10 wasted steps cost little next to a run that trains on nothing.
+    c.max_consecutive_skips = 10
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"  # persistent XLA cache; "" disables
 
     c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": ""})

@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat = "dots"
     c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"
+    # nonfinite='skip' stops after this many skipped steps in a row: skipped steps leave the parameters as they
+    # were, so 10 fresh batches failing in a row means the state, not the data, went bad (a lone bad batch
+    # skips one step); 10 wasted steps cost little next to a run that trains on nothing.
+    c.max_consecutive_skips = 10
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"
 
     c.latent = ml_collections.ConfigDict({"kind": "vae", "factor": 8, "weights": "weights/sd15"})

@@ -1,9 +1,12 @@
 """Train M3DDM: `python -m m3ddm_jax.train --config configs/NAME.py [--config.key=value ...] [--workdir DIR]`.
 
 clips (grain) -> masks + CFG dropout -> latents -> DDPM noise -> 3D UNet -> (weighted) epsilon or v MSE ->
-sharded AdamW step -> EMA -> orbax checkpoint. Resumes from the newest complete checkpoint in the workdir, data position
-included. Multi-host: set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or the flags); each
-process feeds its own data shard and one checkpoint is written.
+sharded AdamW step -> EMA -> orbax checkpoint. Resumes from the newest checkpoint in the workdir that restores, data
+position included (a damaged newer one is logged and set aside: m3ddm_jax/training/checkpoint.py). A step whose loss
+or gradient is not finite is not applied: `nonfinite='halt'` stops the run at the next log step, `nonfinite='skip'`
+goes on but stops after `max_consecutive_skips` skipped steps in a row. Multi-host: set JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID (or the flags); each process feeds its own data shard and one checkpoint is
+written.
 
 The config is checked before any work (`check_config`): a missing section or key, a missing weights folder
 or held-out clip, bad sampler settings stop the run at start-up with a message naming them. The workdir
@@ -49,7 +52,8 @@ log = logging.getLogger("m3ddm_jax.train")
 # there. `sampler` must hold exactly SamplerSettings' fields.
 REQUIRED_KEYS = (
     "seed", "workdir", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compute_dtype", "remat",
-    "attention", "nonfinite", "compilation_cache", "latent.kind", "latent.factor", "latent.weights", "init.weights",
+    "attention", "nonfinite", "max_consecutive_skips", "compilation_cache", "latent.kind", "latent.factor",
+    "latent.weights", "init.weights",
     "init.temporal_identity", "model", "scheduler", "loss.weighting", "loss.snr_gamma", "data.batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
     "optim.end_lr_factor", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "optim.ema_decay", "optim.total_steps", "sample.every", "sample.videos", "sample.max_frames", "sample.ratio",
@@ -67,6 +71,8 @@ def check_config(cfg) -> SamplerSettings:
         raise ValueError(f"total_steps must be >= 1, got {cfg.total_steps}")
     if cfg.nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite={cfg.nonfinite!r}; expected one of {NONFINITE}")
+    if cfg.max_consecutive_skips < 1:
+        raise ValueError(f"max_consecutive_skips must be >= 1, got {cfg.max_consecutive_skips}")
     if cfg.latent.kind not in ("pixel", "vae"):
         raise ValueError(f"latent.kind={cfg.latent.kind!r}: expected 'pixel' or 'vae'")
     NoiseSchedule.from_config(cfg.scheduler.to_dict())  # prediction type, spacing, zero-SNR rescaling
@@ -134,6 +140,36 @@ def validate(cfg, validator: validation.Validator | None, trainer, workdir: str,
              record["val_loss"], record["val_psnr_generated"], record["telea_psnr_generated"])
 
 
+class SkipRun:
+    """Consecutive skipped (non-finite) steps. A step's `finite` flag is read once the next step is queued, so
+    the host never waits for the step it has just dispatched."""
+
+    def __init__(self):
+        self.length, self.last_step, self._pending = 0, 0, None
+
+    def push(self, step: int, finite) -> int:
+        """Adds step `step`; returns the run length up to the step before it."""
+        pending, self._pending = self._pending, (step, finite)
+        return self._count(pending)
+
+    def flush(self) -> int:
+        pending, self._pending = self._pending, None
+        return self._count(pending)
+
+    def _count(self, pending) -> int:
+        if pending is not None:
+            self.last_step = pending[0]
+            self.length = 0 if bool(pending[1]) else self.length + 1
+        return self.length
+
+
+def nonfinite_error(what: str, step: int, detail: str, last_checkpoint: int | None, remedy: str) -> FloatingPointError:
+    """The stop of a run whose steps went non-finite (nonfinite='halt', or too many skipped in a row)."""
+    return FloatingPointError(
+        f"{what} up to step {step} had a non-finite loss or gradient ({detail}); the last checkpoint is step "
+        f"{last_checkpoint}. Lower the learning rate or check the data, {remedy}.")
+
+
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     settings = check_config(cfg)
@@ -143,14 +179,14 @@ def train(cfg, workdir: str) -> dict:
                                   shard_count=jax.process_count()))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, export.CHECKPOINTS), save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if not start and jax.process_index() == 0:  # a resumed run keeps the model/ its checkpoints were made with
+    restored = ckpt.restore_latest(checkpoint.abstract_like(trainer.state, trainer.state_shardings), data_iter)
+    start = restored[0] if restored else 0
+    if restored:
+        trainer.state = restored[1]
+        log.info("resumed from step %d", start)
+    elif jax.process_index() == 0:  # a resumed run keeps the model/ its checkpoints were made with
         unet_config = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest).config
         export.write_run_model(workdir, unet_config, trainer.codec, cfg.scheduler.to_dict())
-    if start:
-        trainer.state = ckpt.restore(start, checkpoint.abstract_like(trainer.state, trainer.state_shardings),
-                                     data_iter)
-        log.info("resumed from step %d", start)
     metrics_log = MetricsLog(workdir, start_step=start, total_steps=cfg.total_steps,
                              write=jax.process_index() == 0)
     config_json = json.loads(cfg.to_json_best_effort())
@@ -159,13 +195,23 @@ def train(cfg, workdir: str) -> dict:
     if not start:
         validate(cfg, validator, trainer, workdir, 0, metrics_log)  # step 0: what training improves on
 
-    last, skipped_videos = {}, 0
+    last, skipped_videos, skip_run = {}, 0, SkipRun()
+
+    def check_skip_run(length: int) -> None:
+        if cfg.nonfinite == "skip" and length >= cfg.max_consecutive_skips:
+            ckpt.wait()
+            total = int(jax.device_get(trainer.state.skipped))
+            raise nonfinite_error(f"{length} consecutive steps", skip_run.last_step,
+                                  f"{total} in all; they were not applied", ckpt.latest_step(),
+                                  f"or raise max_consecutive_skips (now {cfg.max_consecutive_skips})")
+
     t_last, s_last = time.perf_counter(), start
     for step in range(start, cfg.total_steps):
         batch = next(data_iter)
         skipped_videos += int(np.sum(batch.pop("skipped")))
         metrics = trainer.step(batch)
         done = step + 1
+        check_skip_run(skip_run.push(done, metrics["finite"]))
         if done % cfg.log_every == 0 or done == cfg.total_steps:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
@@ -176,19 +222,22 @@ def train(cfg, workdir: str) -> dict:
             metrics_log.write(last)
             if last["skipped_steps"] and cfg.nonfinite == "halt":
                 ckpt.wait()
-                raise FloatingPointError(
-                    f"{last['skipped_steps']} step(s) up to step {done} had a non-finite loss or gradient (they "
-                    f"were not applied); the last checkpoint is step {ckpt.latest_step()}. Lower the learning "
-                    f"rate or check the data, or set nonfinite='skip' to step over such batches.")
+                raise nonfinite_error(f"{last['skipped_steps']} step(s)", done, "they were not applied",
+                                      ckpt.latest_step(), "or set nonfinite='skip' to step over such batches")
         metrics_log.advance(done)
         ckpt.save(done, trainer.state, data_iter, config_json, force=done == cfg.total_steps)
         if done == cfg.total_steps or (cfg.sample.every and done % cfg.sample.every == 0):
             sample(cfg, settings, trainer, workdir, done)
         if done == cfg.total_steps or (cfg.validation.every and done % cfg.validation.every == 0):
             validate(cfg, validator, trainer, workdir, done, metrics_log)
+    check_skip_run(skip_run.flush())
     ckpt.wait()
     ckpt.close()
     metrics_log.close()
+    skipped = int(jax.device_get(trainer.state.skipped))
+    log.log(logging.WARNING if skipped else logging.INFO,
+            "trained to step %d: %d of %d steps were skipped (non-finite loss or gradient), %d unreadable video(s) "
+            "skipped", cfg.total_steps, skipped, cfg.total_steps, skipped_videos)
     return last
 
 
@@ -211,7 +260,11 @@ def main(argv) -> None:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    train(cfg, workdir)
+    try:
+        train(cfg, workdir)
+    except (checkpoint.CheckpointRestoreError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

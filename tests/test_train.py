@@ -8,6 +8,8 @@ compiled once per session.
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,3 +244,75 @@ def test_nonfinite_step_is_skipped_and_counted(compile_cache):
         np.testing.assert_array_equal(x, y)
     assert jax.device_get(trainer.step(batch))["finite"]
     assert int(trainer.state.step) == 2
+
+
+def delete_a_data_file(step_dir):
+    """Deletes the largest array data file of a checkpoint's train state."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) if os.path.basename(d) == "d"
+             for f in fs]
+    os.remove(max(files, key=os.path.getsize))
+
+
+def test_damaged_newest_checkpoints_fall_back_and_resume_equals_uninterrupted(tmp_path, compile_cache, uninterrupted):
+    """Step 10 loses an array file, step 8 its pytree metadata: resume warns about both, starts from step 6
+    and trains on exactly as the uninterrupted run did. The damaged steps are kept aside, out of the way of the
+    new saves of steps 8 and 10 and of keep_checkpoints."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    delete_a_data_file(os.path.join(ckpts, "10"))
+    os.remove(os.path.join(ckpts, "8", "state", "_METADATA"))
+    before = {s: sorted(os.listdir(os.path.join(ckpts, s, "state"))) for s in ("8", "10")}
+
+    proc = run(train_cmd(workdir, compile_cache, "--config.total_steps=10"), env=env())
+    for step in (10, 8):
+        assert re.search(rf"(?m)^W\d{{4}} .*checkpoint step {step} .*cannot be restored", proc.stderr), proc.stderr[-4000:]
+    assert "resumed from step 6" in proc.stderr
+    assert finished_steps(workdir) == [6, 8, 10]
+    for s in ("8", "10"):  # kept, untouched, as <step>.damaged
+        assert sorted(os.listdir(os.path.join(ckpts, f"{s}.damaged", "state"))) == before[s]
+    resumed, reference = metrics(workdir), metrics(uninterrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for got, want in zip(resumed, reference):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
+
+
+def test_no_restorable_checkpoint_stops_with_a_clear_message(tmp_path, compile_cache, uninterrupted):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    for step in ("6", "8", "10"):
+        delete_a_data_file(os.path.join(ckpts, step))
+    proc = subprocess.run(train_cmd(workdir, compile_cache, "--config.total_steps=12"), capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env=env())
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert re.search(r"error: no checkpoint of .*checkpoints restores: step 10 \(.*\); step 8 \(.*\); step 6 \(",
+                     proc.stderr), proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(ckpts)) == ["10", "6", "8"]  # nothing moved or deleted
+
+
+def test_skipping_non_finite_steps_halts_after_too_many_in_a_row(tmp_path, compile_cache):
+    """A learning rate of 1e6 blows the parameters up; skipped steps leave them so, so every later step is
+    skipped too. nonfinite='skip' halts after max_consecutive_skips of them, with halt's message."""
+    workdir = str(tmp_path / "run")
+    proc = subprocess.run(train_cmd(workdir, compile_cache, "--config.optim.lr=1e6", "--config.max_consecutive_skips=3"),
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env())
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    match = re.search(r"error: 3 consecutive steps up to step (\d+) had a non-finite loss or gradient \((\d+) in "
+                      r"all; they were not applied\)", proc.stderr)
+    assert match, proc.stderr[-4000:]
+    rows = metrics(workdir)
+    skipped = [r["step"] for r in rows if not np.isfinite(r["loss"]) or not np.isfinite(r["grad_norm"])]
+    assert skipped[-3:] == list(range(int(match[1]) - 2, int(match[1]) + 1))
+    assert rows[-1]["step"] < 8  # it stopped before total_steps
+
+    # With room for them, the run ends normally and its summary counts the skipped steps.
+    workdir = str(tmp_path / "run2")
+    proc = run(train_cmd(workdir, compile_cache, "--config.optim.lr=1e6", "--config.max_consecutive_skips=100"),
+               env=env())
+    skipped = metrics(workdir)[-1]["skipped_steps"]
+    assert skipped > 3
+    assert re.search(rf"(?m)^W\d{{4}} .*trained to step 8: {skipped} of 8 steps were skipped", proc.stderr), proc.stderr[-4000:]
