@@ -119,6 +119,8 @@ def read_frames(source: Source, max_frames: int, default_fps: float) -> tuple[np
     """(N, H, W, 3) uint8 RGB frames and the frame rate (a frame folder has none: `default_fps`)."""
     if not source.path.is_dir():
         video = read_video(source.path, max_frames=max_frames or None)
+        if video.truncated:  # scores over part of a ground-truth video would not be comparable: listed as failed
+            raise ValueError(f"{video.truncation}; a benchmark video must be complete")
         return video.frames, float(video.fps)
     files = sorted(p for p in source.path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)[:max_frames or None]
     if not files:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, VIDEOS
 from test_metrics import TorchI3D, lpips_pair  # noqa: F401 (a fixture)
 from m3ddm_jax import configlib, evaluate
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
@@ -198,6 +198,17 @@ def test_bad_input_is_named(videos, tiny_weights, lpips_pair, tmp_path):
                                                       ) as err:  # a weight file's hint, not config.json's
         run(**{"metrics.lpips_lin": lin, "metrics.alexnet": lin})
     assert "config.json" not in str(err.value)
+
+
+def test_truncated_video_is_refused(tmp_path):
+    """A ground-truth video cut short is not scored (it fails, and the report lists it with the reason)."""
+    clip = VIDEOS / "stream_of_water.mp4"
+    data = clip.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[:int(len(data) * 0.3)])
+    with pytest.raises(ValueError, match=r"cut\.mp4 is truncated: .*a benchmark video must be complete"):
+        evaluate.read_frames(evaluate.Source("cut", tmp_path / "cut.mp4"), 0, 24.0)
+    frames, _ = evaluate.read_frames(evaluate.Source("cut", tmp_path / "cut.mp4"), 2, 24.0)  # the first 2 are there
+    assert len(frames) == 2
 
 
 def test_band_geometry():

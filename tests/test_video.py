@@ -1,13 +1,19 @@
 """Video side of outpainting: official canvas parity, global frames, PyAV read/write, native canvas."""
 
+import os
 import re
+import subprocess
+import sys
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
-from conftest import VIDEOS, load_json, mux_sine
+from conftest import REPO, VIDEOS, load_json, mux_sine
+from m3ddm_jax import fileio
+from m3ddm_jax.data.decode import VideoError
+from m3ddm_jax.data.sources import FileVideo
 from m3ddm_jax.video import (composite, composite_native, crop, global_frame_indices, global_frames,
                              latent_mask, make_canvas, native_layout, official_layout, parse_ratio, parse_ratios,
                              read_video, resize_bilinear_antialias, to_model_range, write_video)
@@ -283,3 +289,88 @@ def test_bad_inputs(tmp_path):
         write_video(tmp_path / "nowhere" / "out.mp4", np.zeros((1, 8, 8, 3), np.uint8), 24)
     with pytest.raises(ValueError, match="native"):
         official_layout((72, 128), "9:16")
+
+
+def truncated_copy(src, dst, fraction=0.3):
+    """The first `fraction` of the bytes of `src`: what an interrupted download or copy leaves."""
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * fraction)])
+    return dst
+
+
+def declared_frames(path):
+    with av.open(str(path)) as container:
+        return container.streams.video[0].frames
+
+
+def test_truncated_video_is_flagged(tmp_path):
+    """A file cut short decodes to fewer frames than its container declares: read_video says so (outpaint and
+    infer warn and flag it), and the training reader rejects clips past the end with the same diagnosis."""
+    declared = declared_frames(CLIP)
+    full = read_video(CLIP)
+    assert len(full.frames) == full.declared_frames == declared and not full.truncated and full.truncation is None
+    cut = truncated_copy(CLIP, tmp_path / "cut.mp4")
+    video = read_video(cut)
+    decoded = len(video.frames)
+    assert 0 < decoded < declared and video.declared_frames == declared and video.truncated
+    assert re.search(rf"cut\.mp4 is truncated: its container declares {declared} frames but only {decoded} decode",
+                     video.truncation)
+    # Asking for no more frames than decode is not a truncated read.
+    assert not read_video(cut, max_frames=decoded).truncated and read_video(cut, max_frames=decoded + 1).truncated
+    # Training: the header's length, the decodable frames readable, a clip past the end rejected (and skipped).
+    source = FileVideo.open(cut)
+    assert source.num_frames == declared and len(source.read([0, decoded - 1])) == 2
+    with pytest.raises(VideoError, match=rf"is truncated: its container declares {declared} frames but only "
+                                         rf"{decoded} decode"):
+        source.read([0, declared - 1])
+
+
+def test_write_video_is_reproducible(tmp_path):
+    """The same frames give the same bytes: on another run and whatever number of CPUs the encoder sees (x264's
+    automatic thread count changes its output), and no library version is written into the file."""
+    frames = np.random.default_rng(0).integers(0, 256, (4, 256, 192, 3), dtype=np.uint8)
+    write_video(tmp_path / "a.mp4", frames, 24)
+    write_video(tmp_path / "b.mp4", frames, 24)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})
+        try:
+            write_video(tmp_path / "one_cpu.mp4", frames, 24)
+        finally:
+            os.sched_setaffinity(0, cpus)
+        assert (tmp_path / "one_cpu.mp4").read_bytes() == (tmp_path / "a.mp4").read_bytes()
+    assert b"Lavf" not in (tmp_path / "a.mp4").read_bytes()
+
+
+def _killed_writer(target):
+    """A process killed (SIGKILL) in the middle of an atomic write of `target`."""
+    code = ("import os, sys\nfrom m3ddm_jax.fileio import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    open(tmp, 'w').write('half')\n    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], cwd=REPO, capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+
+
+def test_stale_part_files_are_cleaned(tmp_path):
+    """A SIGKILL mid-write leaves a hidden .part; the next write of the same target removes it, but never the
+    .part of a writer that is still alive, nor another target's."""
+    target, other = tmp_path / "out.json", tmp_path / "other.json"
+    _killed_writer(target)
+    _killed_writer(other)
+    parts = lambda name: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{name}."))
+    (stale,) = parts("out.json")
+    assert len(parts("other.json")) == 1
+    with fileio.atomic_path(str(target)) as live:  # a live writer of the same target (this process)
+        open(live, "w").write("live")
+        fileio.write_text(str(target), "new")
+        assert parts("out.json") == [os.path.basename(live)] and target.read_text() == "new"
+    assert target.read_text() == "live" and parts("out.json") == [] and len(parts("other.json")) == 1
+    # Folders written atomically (weights folders) too.
+    code = ("import os, sys\nfrom m3ddm_jax.fileio import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n    open(os.path.join(tmp, 'x'), 'w').write('half')\n"
+            "    os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "w")], cwd=REPO).returncode == -9
+    assert len(parts("w")) == 1
+    with fileio.atomic_dir(str(tmp_path / "w")) as tmp:
+        open(os.path.join(tmp, "x"), "w").write("done")
+    assert parts("w") == [] and (tmp_path / "w" / "x").read_text() == "done"

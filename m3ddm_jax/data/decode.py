@@ -14,13 +14,12 @@ from typing import Sequence
 import av
 import numpy as np
 
+from m3ddm_jax.video.io import decode_frames, declared_frame_count, truncation
+
 # A gap (in frames) beyond which decoding jumps with a seek to the keyframe before the next wanted frame
 # instead of decoding through. x264's default keyframe interval is 250, so a seek costs up to ~250 decoded
 # frames: seeking over shorter gaps would rarely save work.
 SEEK_GAP = 250
-# The container's frame count is an estimate for some formats (duration x rate); a stream that ends at
-# most this many frames early has its missing tail filled with its last frame instead of being rejected.
-TAIL_TOLERANCE = 3
 
 
 class VideoError(ValueError):
@@ -52,15 +51,9 @@ def _stream_info(path, container) -> VideoInfo:
     if not rate or rate <= 0:
         raise VideoError(f"{path}: the video stream declares no frame rate")
     fps = float(rate)
-    num_frames = stream.frames
-    if not num_frames:  # formats without a frame index (webm, mkv): estimate from the duration
-        if stream.duration is not None and stream.time_base is not None:
-            seconds = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            seconds = container.duration / av.time_base
-        else:
-            raise VideoError(f"{path}: the container gives neither a frame count nor a duration")
-        num_frames = int(round(seconds * fps))
+    num_frames, _ = declared_frame_count(container, stream)  # estimated from the duration without a frame index
+    if num_frames is None:
+        raise VideoError(f"{path}: the container gives neither a frame count nor a duration")
     if num_frames < 1 or not stream.codec_context.width:
         raise VideoError(f"{path}: empty video stream")
     return VideoInfo(num_frames=num_frames, fps=fps, height=stream.codec_context.height,
@@ -90,20 +83,25 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], *, seek_gap: in
         raise ValueError(f"read_frames needs non-negative frame indices, got {list(indices)[:8]}")
     container = _open(path)
     with container:
+        declared = declared_frame_count(container, container.streams.video[0])
         try:
-            got, end, end_image = _decode(container, wanted, seek_gap)
+            got, end, end_image = _decode(container, wanted, seek_gap, path)
         except (av.FFmpegError, VideoError) as err:
             raise VideoError(f"{path}: decoding failed ({err}); the file may be damaged") from err
     missing = [i for i in wanted if i not in got]  # all after the stream's end
     if missing:
-        if end_image is None or missing[-1] - end > TAIL_TOLERANCE:
-            raise VideoError(f"{path}: the stream ends at frame {end}, before frame {missing[-1]}; the file is "
-                             f"truncated or its header over-states its length")
+        # A clip past the decodable end of a file cut short is rejected (the pipeline skips and counts it), as
+        # read_video diagnoses it; an estimated length a few frames long gets its tail filled with the last frame.
+        # Frame indices come from timestamps, so even an indexed count gets the tolerance of an estimated one.
+        cut = truncation(path, (declared[0], False), end + 1, missing[-1] + 1)
+        if cut is not None or end_image is None:
+            raise VideoError(cut or f"{path}: the stream ends at frame {end}, before frame {missing[-1]}; its "
+                                    f"header over-states its length")
         got.update({i: end_image for i in missing})
     return np.stack([got[int(i)] for i in indices])
 
 
-def _decode(container, wanted: list[int], seek_gap: int):
+def _decode(container, wanted: list[int], seek_gap: int, path):
     """-> ({index: RGB frame} for the wanted frames reached, the last decoded index, and its RGB frame if the
     stream ended before the last wanted frame)."""
     stream = container.streams.video[0]
@@ -121,7 +119,7 @@ def _decode(container, wanted: list[int], seek_gap: int):
                 # backward=True lands on the keyframe at or before the target time.
                 container.seek(start + int(target / fps / time_base), stream=stream, backward=True)
                 seeked = True
-            decoder = container.decode(stream)
+            decoder = decode_frames(container, stream, path)
         while last < target:
             next_frame = next(decoder, None)
             if next_frame is None:

@@ -8,7 +8,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -20,6 +20,16 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 # Audio codecs the mp4 muxer takes as they are; any other audio is re-encoded to AAC.
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "ac3", "eac3", "alac"})
 
+# A frame count estimated from the duration (webm, mkv: no frame index) may be off by a few frames; a stream
+# that ends at most this many frames short of such an estimate is complete. An indexed count (mp4, mov) is exact.
+TAIL_TOLERANCE = 3
+# Deterministic encoding: one x264 thread (its output depends on its thread count, which it takes from the
+# machine's CPUs); no macroblock-tree rate control (with it, even single-threaded, 6 of 11 rewrites of the same
+# 4 noise frames in one process differed from the first; without it 0 of 160 writes of four clips); no library
+# versions in the container (Lavf's encoder tag).
+X264_OPTIONS = {"threads": "1", "x264-params": "mbtree=0"}
+BITEXACT = {"fflags": "+bitexact"}
+
 PathLike = str | os.PathLike
 
 
@@ -29,10 +39,55 @@ class Video:
     fps: Fraction
     path: pathlib.Path  # the source file, from which `write_video(audio_from=...)` copies the audio
     has_audio: bool
+    declared_frames: int | None = None  # what the container declares (None: it declares neither count nor duration)
+    truncation: str | None = None  # why the file is cut short (fewer frames decode than declared), else None
 
     @property
     def duration(self) -> float:
         return float(len(self.frames) / self.fps)
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncation is not None
+
+
+def declared_frame_count(container, stream) -> tuple[int | None, bool]:
+    """(frames the container declares for `stream`, whether that count is exact): the frame index's count,
+    else duration x rate (an estimate), else (None, False)."""
+    if stream.frames:
+        return stream.frames, True
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return None, False
+    return (int(round(seconds * float(rate))) if rate else None), False
+
+
+def decode_frames(container, stream, path: PathLike) -> Iterator[av.VideoFrame]:
+    """The frames of `stream` from the demuxer's position on. A file cut short ends in a partial packet, which
+    the decoder rejects: there decoding ends (with the frames before it) instead of failing, and `truncation`
+    tells. A damaged packet inside the file still raises."""
+    size = os.path.getsize(path)
+    for packet in container.demux(stream):
+        if packet.size and packet.is_corrupt and packet.pos is not None and packet.pos + packet.size >= size:
+            yield from stream.decode(None)  # flush the frames the decoder still holds
+            return
+        yield from packet.decode()
+
+
+def truncation(path: PathLike, declared: tuple[int | None, bool], decoded: int,
+               wanted: int | None = None) -> str | None:
+    """The one diagnosis of a file cut short (an interrupted download or copy): a message if fewer frames
+    decode than the container declares (`declared` as `declared_frame_count` gives it) or, with `wanted`,
+    than the first `wanted` of them; else None."""
+    count, exact = declared
+    if count is None or decoded >= min(count, wanted or count) - (0 if exact else TAIL_TOLERANCE):
+        return None
+    return (f"{path} is truncated: its container declares {count} frames but only {decoded} decode; the file was "
+            f"probably cut short (an interrupted download or copy)")
 
 
 def read_video(path: PathLike, *, max_frames: int | None = None) -> Video:
@@ -53,17 +108,30 @@ def read_video(path: PathLike, *, max_frames: int | None = None) -> Video:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+        declared = declared_frame_count(container, stream)
         try:
-            decoded = container.decode(stream)
+            decoded = decode_frames(container, stream, path)
             frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(decoded, max_frames)]
         except av.FFmpegError as err:
             raise ValueError(f"{path}: decoding its video stream failed ({err}); the file may be damaged") from err
         has_audio = bool(container.streams.audio)
     if not frames:
-        raise ValueError(f"{path}: its video stream has no decodable frame")
+        raise ValueError(f"{path}: its video stream has no decodable frame"
+                         + (f" ({cut})" if (cut := truncation(path, declared, 0)) else ""))
     if not fps:
         raise ValueError(f"{path}: the video stream declares no frame rate")
-    return Video(frames=np.stack(frames), fps=Fraction(fps), path=path, has_audio=has_audio)
+    return Video(frames=np.stack(frames), fps=Fraction(fps), path=path, has_audio=has_audio,
+                 declared_frames=declared[0], truncation=truncation(path, declared, len(frames), max_frames))
+
+
+def check_output_file(path: PathLike, flag: str = "output") -> None:
+    """Fails at once, naming `flag`, where an output file could not be written: before any work, not after."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file path (such as {path / 'out.mp4'}) or "
+                                f"remove the folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: its folder {path.parent} does not exist")
 
 
 def write_video(path: PathLike, frames: np.ndarray | Iterable[np.ndarray], fps: float | Fraction, *,
@@ -74,11 +142,11 @@ def write_video(path: PathLike, frames: np.ndarray | Iterable[np.ndarray], fps: 
     Odd sizes gain one edge-replicated row or column (yuv420p needs even sides). The audio of `audio_from`
     (a path or a `Video`) is copied when mp4 can hold it, otherwise re-encoded to AAC, and cut at the video's
     end (to the packet or decoded frame, some tens of ms). The file is written atomically (m3ddm_jax.fileio),
-    so a failure never leaves a partial file under `path`.
+    so a failure never leaves a partial file under `path`. The same frames give the same bytes on any machine
+    with the same FFmpeg and x264 (one encoder thread, no version tags).
     """
     path = pathlib.Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    check_output_file(path)
     audio_path = audio_from.path if isinstance(audio_from, Video) else audio_from
     if audio_path is not None and not pathlib.Path(audio_path).is_file():
         raise FileNotFoundError(f"audio source not found: {audio_path}")
@@ -96,13 +164,15 @@ def _encode(tmp: str, frames, rate: Fraction, audio_path, crf: int, preset: str)
     h, w = _check_frame(first).shape[:2]
     pad = ((0, h % 2), (0, w % 2), (0, 0))
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(av.open(tmp, "w", format="mp4", container_options={"movflags": "+faststart"}))
+        out = stack.enter_context(av.open(tmp, "w", format="mp4",
+                                          container_options={"movflags": "+faststart", **BITEXACT}))
         video = out.add_stream("libx264", rate=rate)
         video.width, video.height = w + w % 2, h + h % 2
         video.pix_fmt = "yuv420p"
         video.codec_context.colorspace = av.video.reformatter.Colorspace.ITU601
         video.codec_context.color_range = av.video.reformatter.ColorRange.MPEG
-        video.options = {"crf": str(crf), "preset": preset}
+        video.codec_context.thread_count = int(X264_OPTIONS["threads"])
+        video.options = {"crf": str(crf), "preset": preset, **X264_OPTIONS}
         # Every stream must exist before the first packet is muxed, so the audio source is opened first.
         audio = None
         if audio_path is not None:
