@@ -6,9 +6,10 @@
 
 DIR is a weights folder (tools/convert_checkpoint.py: a converted checkpoint or an exported training run);
 it defaults to $M3DDM_WEIGHTS. The output has exactly as many frames as the input, at its frame rate, with
-its audio; it is written atomically. Modes: 'official' reproduces the official pipeline (a square canvas of
-at most 256 pixels, cropped to the ratio); 'native' generates on a canvas shaped like the ratio and keeps the
-source pixels at full resolution. The flags are the sampler settings (m3ddm_jax/sampling/settings.py); an
+its audio; it is written atomically (the same frames give the same file). A video cut short (fewer frames
+decode than its container declares) is outpainted with the frames that decode, with a warning. Modes:
+'official' reproduces the official pipeline (a square canvas of at most 256 pixels, cropped to the ratio);
+'native' generates on a canvas shaped like the ratio and keeps the source pixels at full resolution. The flags are the sampler settings (m3ddm_jax/sampling/settings.py); an
 unset flag keeps the settings' default, the official value.
 """
 
@@ -21,10 +22,12 @@ import sys
 from tqdm import tqdm
 
 from m3ddm_jax import pretrained
+from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
 from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
 from m3ddm_jax.sampling.settings import CANVAS_MODES, DTYPES, SCHEDULERS, SamplerSettings
 from m3ddm_jax.video import parse_ratio, read_video, write_video
+from m3ddm_jax.video.io import check_output_file
 
 WEIGHTS_ENV = "M3DDM_WEIGHTS"
 REQUIRED_FILES = tuple(os.path.join(sub, name) for sub, names in (
@@ -67,8 +70,19 @@ def _size(text: str) -> tuple[int, int]:
 def check_layout(weights: str, source_hw: tuple[int, int], ratio: str, settings: SamplerSettings) -> None:
     """Fails fast, from the weights folder's configs alone, on a ratio or canvas its model cannot take."""
     unet, latent = (pretrained.read_config(os.path.join(weights, sub)) for sub in (pretrained.UNET, pretrained.VAE))
-    make_layout(source_hw, ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
-                multiple=canvas_multiple(unet, latent))
+    multiple = canvas_multiple(unet, latent)
+    layout = make_layout(source_hw, ratio, settings.canvas_mode, canvas_size=settings.canvas_size, multiple=multiple)
+    ch, cw = layout.canvas_hw
+    if ch % multiple or cw % multiple:  # only the official canvas, sized by the frame, can miss the multiple
+        raise ValueError(f"official canvas: a {source_hw[0]}x{source_hw[1]} frame extended to {ratio} gives a "
+                         f"{ch}x{cw} canvas, but this model needs sides that are a multiple of {multiple} pixels; "
+                         f"use the native canvas (--mode native)")
+
+
+def check_sampler(weights: str, settings: SamplerSettings) -> None:
+    """Fails fast, from the weights folder's noise schedule, on a step count its sampler cannot run."""
+    schedule = NoiseSchedule.from_config(pretrained.read_scheduler_config(weights))
+    make_sampler(settings.scheduler, schedule, settings.steps, strength=settings.strength)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,24 +118,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _flag(name: str, value) -> str:
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
-    return SamplerSettings(**{field: getattr(args, flag) for flag, field in SETTINGS_FLAGS.items()
-                              if getattr(args, flag) is not None})
+    """The settings the flags give; a bad value is an error naming its flag (the flags that are bad alone, else
+    every flag given: a combination is at fault)."""
+    given = {flag: getattr(args, flag) for flag in SETTINGS_FLAGS if getattr(args, flag) is not None}
+    try:
+        return SamplerSettings(**{SETTINGS_FLAGS[flag]: value for flag, value in given.items()})
+    except ValueError as err:
+        def bad_alone(flag: str) -> bool:
+            try:
+                SamplerSettings(**{SETTINGS_FLAGS[flag]: given[flag]})
+            except ValueError:
+                return True
+            return False
+
+        culprits = [flag for flag in given if bad_alone(flag)] or list(given)
+        raise ValueError(f"{', '.join(_flag(f, given[f]) for f in culprits)}: {err}") from err
 
 
 def run(args: argparse.Namespace) -> None:
     # Cheap checks first: a bad argument should not cost a model load or a video decode.
     settings = settings_from_args(args)
     parse_ratio(args.ratio)
+    check_output_file(args.output, "--output")
     weights = check_weights_folder(args.weights)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder {out_dir} does not exist")
+    try:
+        check_sampler(weights, settings)
+    except ValueError as err:
+        raise ValueError(f"{_flag('steps', settings.steps)}: {err}; use more steps (or --scheduler ddim)") from err
     video = read_video(args.input)
     try:
         check_layout(weights, video.frames.shape[1:3], args.ratio, settings)
     except ValueError as err:
         raise ValueError(f"{args.input}: {err}") from err
+    if video.truncated:
+        print(f"warning: {video.truncation}; outpainting the {len(video.frames)} frames that decode", file=sys.stderr)
     outpainter = Outpainter.from_folder(weights, settings)
     with tqdm(desc=os.path.basename(args.input), unit="step", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -132,8 +167,9 @@ def run(args: argparse.Namespace) -> None:
     write_video(args.output, result.frames, video.fps, audio_from=video if video.has_audio else None)
     n, h, w = result.frames.shape[:3]
     t = result.timings
-    print(f"{args.output}: {n} frames of {w}x{h} in {t['total']:.1f} s (VAE {t['vae']:.1f} s, UNet {t['unet']:.1f} s)",
-          file=sys.stderr)
+    cut = f" (truncated input: its container declares {video.declared_frames})" if video.truncated else ""
+    print(f"{args.output}: {n} frames of {w}x{h} in {t['total']:.1f} s (VAE {t['vae']:.1f} s, UNet {t['unet']:.1f} s)"
+          f"{cut}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -212,11 +212,22 @@ def empty_video(tmp_path):
     ("no_weights", r"weights folder .*nowhere does not exist; convert a checkpoint"),
     ("incomplete_weights", r"weights folder .*incomplete is incomplete: missing vae/flax_params\.safetensors"),
     ("official_too_small", r"small\.mp4: official canvas: a 48x64 frame"),
+    ("output_is_folder", r"--output .*taken\.mp4 is a folder"),
+    ("steps_zero", r"--steps 0: sampler settings: steps must be >= 1"),
+    ("steps_one_pndm", r"--steps 1: the M3DDM PNDM loop needs at least 2 timesteps.*use more steps"),
+    ("official_latent", r"square\.mp4: official canvas: .*100x100 canvas.*multiple of 16.*--mode native"),
 ])
-def test_cli_errors(weights, tmp_path, capsys, case, message):
+def test_cli_errors(weights, tmp_path, capsys, monkeypatch, case, message):
+    """Every bad argument, path or input shape is reported before the model is loaded, naming it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Outpainter, "from_folder", refuse)
     video = tmp_path / "clip.mp4"
     write_video(video, np.zeros((2, 48, 64, 3), np.uint8), 24)
     args = {"ratio": "9:16", "weights": weights}
+    output = tmp_path / "out.mp4"
+    extra = []
     if case == "missing":
         video = tmp_path / "missing.mp4"
     elif case == "not_video":
@@ -232,9 +243,54 @@ def test_cli_errors(weights, tmp_path, capsys, case, message):
         args["weights"] = broken_weights(weights, tmp_path)
     elif case == "official_too_small":
         video = video.rename(tmp_path / "small.mp4")
-    rc = main([str(video), "--ratio", args["ratio"], "--output", str(tmp_path / "out.mp4"),
-               "--weights", str(args["weights"])])
+    elif case == "output_is_folder":
+        output = tmp_path / "taken.mp4"
+        output.mkdir()
+    elif case in ("steps_zero", "steps_one_pndm"):
+        extra = ["--steps", case.endswith("zero") and "0" or "1", "--mode", "native", "--canvas-size", str(CANVAS)]
+    elif case == "official_latent":  # a 1:1 frame of 100 pixels: the official canvas is 100x100
+        video = tmp_path / "square.mp4"
+        write_video(video, np.zeros((2, 100, 100, 3), np.uint8), 24)
+        args["ratio"] = "1:1"
+    rc = main([str(video), "--ratio", args["ratio"], "--output", str(output), "--weights", str(args["weights"]),
+               *extra])
     err = capsys.readouterr().err
     assert rc == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_truncated_input_is_flagged(weights, tmp_path, capsys):
+    """A video cut short is outpainted with the frames that decode, and the user is told, twice."""
+    make_input_clip(tmp_path / "full.mp4")
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])  # a few frames (its first 30% is one partial frame)
+    cut = read_video(tmp_path / "cut.mp4")
+    assert cut.truncated
+    out = tmp_path / "out.mp4"
+    rc = main([str(tmp_path / "cut.mp4"), "--ratio", "9:16", "--output", str(out), "--weights", str(weights),
+               "--steps", str(STEPS), "--mode", "native", "--canvas-size", str(CANVAS)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(read_video(out).frames) == len(cut.frames) < cut.declared_frames
+    assert f"warning: {cut.truncation}" in err
+    assert re.search(rf"{len(cut.frames)} frames of \d+x\d+ .*\(truncated input: its container declares "
+                     rf"{cut.declared_frames}\)", err), err
+
+
+def test_convert_dst_exists_is_refused_before_reading(tmp_path, monkeypatch, capsys):
+    """tools/convert_checkpoint.py: an existing --dst without --overwrite stops before any tensor is read."""
+    sys.path.insert(0, str(TESTS.parent / "tools"))
+    import convert_checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(convert_checkpoint, "open_state_dict", refuse)
+    monkeypatch.setattr(convert_checkpoint.export, "export", refuse)
+    (tmp_path / "dst").mkdir()
+    for kind in ("m3ddm", "sd", "inflate", "export"):
+        rc = convert_checkpoint.main([kind, "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"error: --dst {tmp_path / 'dst'} already exists; pass --overwrite to replace it" in err, err
+    assert list((tmp_path / "dst").iterdir()) == []

@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     p.set_defaults(run=run_export)
     args = parser.parse_args(argv)
     try:
+        if os.path.exists(args.dst) and not args.overwrite:  # before any tensor is read (minutes for 2.6 GB)
+            raise FileExistsError(f"--dst {args.dst} already exists; pass --overwrite to replace it")
         args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
