@@ -16,13 +16,19 @@ on its video), and written, with its audio, to output_dir/<name>.mp4. `max_frame
 first frames, for quick runs.
 
 Output folder:
-* <name>.mp4: written atomically, so a file under that name is always complete. A later run skips every
-  video whose mp4 exists (resume); delete an output to redo it.
-* status/<name>.json: the latest attempt at the video: status 'ok' (frames, sizes, seconds, timings) or
-  'error' (the reason), and which process and host did it.
-* summary.json (written by process 0): this run's done, skipped (already finished) and failed videos, with
-  the failures' reasons, the frames outpainted and frames per second (wall clock of the run, model loading
-  and compilation included).
+* <name>.mp4: written atomically, so a file under that name is always complete, and the same video with the
+  same settings gives the same file. A later run skips every video whose mp4 exists (resume); delete an
+  output to redo it. An output path taken by a folder fails its video before any outpainting.
+* status/<name>.json: the latest attempt at the video: status 'ok' (frames, sizes, seconds, timings, and
+  `truncated`: the input was cut short, so fewer frames decoded than its container declares, and those were
+  outpainted, with a warning) or 'error' (the reason), and which process and host did it.
+* status/<name>.lock: while a run outpaints the video. Runs started separately on one output folder split the
+  videos this way: each claims a video before outpainting it and leaves a claimed one to its holder. A lock
+  whose process died is taken over (fileio.claim).
+* summary.json (written by process 0 of each run, from the status files, so the last run to finish writes it
+  for the whole batch): the done, skipped (already finished before the run), failed and truncated videos,
+  those still in progress in another run, the failures' reasons, the frames outpainted and frames per second
+  (wall clock of the run, model loading and compilation included).
 
 One bad video (missing, not a video, no frames, a size the canvas cannot take, ...) is logged, recorded in
 its status file and skipped; the batch goes on, and the exit status is 2 if any video failed (0 when every
@@ -56,18 +62,19 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from m3ddm_jax import configlib, fileio, sharding
-from m3ddm_jax.outpaint import check_layout, check_weights_folder
+from m3ddm_jax.outpaint import check_layout, check_sampler, check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
-from m3ddm_jax.video.io import VIDEO_EXTENSIONS, read_video, write_video
+from m3ddm_jax.video.io import VIDEO_EXTENSIONS, check_output_file, read_video, write_video
 
 log = logging.getLogger("m3ddm_jax.infer")
 
 LIST_EXTENSION = ".txt"
 STATUS_DIR, SUMMARY_FILE = "status", "summary.json"
 EXIT_SETUP_ERROR, EXIT_VIDEOS_FAILED = 1, 2
-# A video's outcome in this run, as gathered from the hosts (0: another host's video).
-DONE, SKIPPED, FAILED = 1, 2, 3
+# A video's outcome in this run, as gathered from the hosts (0: another host's video; CLAIMED: another run
+# on the same output folder held it at its turn, and its status file says how that went).
+DONE, SKIPPED, FAILED, CLAIMED = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +142,10 @@ def check_config(cfg) -> SamplerSettings:
     if cfg.max_frames < 0:
         raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
     check_weights_folder(cfg.weights)
+    try:
+        check_sampler(cfg.weights, settings)
+    except ValueError as err:
+        raise ValueError(f"sampler.steps={settings.steps}: {err}") from err
     # Ratio, canvas mode and canvas size at once, on a frame of the training size.
     check_layout(cfg.weights, (256, 256), cfg.ratio, settings)
     return settings
@@ -148,9 +159,16 @@ def status_path(cfg, item: Item) -> pathlib.Path:
     return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{item.name}.json"
 
 
+def lock_path(cfg, item: Item) -> pathlib.Path:
+    return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{item.name}.lock"
+
+
 def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
     """Outpaints one video and writes its mp4; returns the 'ok' status fields."""
     video = read_video(item.path, max_frames=cfg.max_frames or None)
+    check_layout(cfg.weights, video.frames.shape[1:3], cfg.ratio, outpainter.settings)
+    if video.truncated:
+        log.warning("%s; outpainting the %d frames that decode", video.truncation, len(video.frames))
     with tqdm(desc=item.name, unit="step", leave=False, file=sys.stderr) as steps:
         def progress(done: int, total: int) -> None:
             steps.total = total
@@ -159,15 +177,20 @@ def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
         result = outpainter.outpaint(video.frames, video.fps, cfg.ratio, progress=progress)
     write_video(output_path(cfg, item), result.frames, video.fps, audio_from=video if video.has_audio else None)
     return {"frames": len(result.frames), "fps": float(video.fps), "source_size": list(video.frames.shape[1:3]),
-            "output_size": list(result.frames.shape[1:3]), "timings": result.timings}
+            "output_size": list(result.frames.shape[1:3]), "timings": result.timings, "truncated": video.truncated,
+            "declared_frames": video.declared_frames}
 
 
-def _attempt(cfg, outpainter: Outpainter, item: Item) -> bool:
-    """One video, whatever happens to it: its status file says how it went. True if it is done."""
+def _attempt(cfg, outpainter: Outpainter | None, item: Item, error: Exception | None = None) -> bool:
+    """One video, whatever happens to it (or the `error` found before it started): its status file says how it
+    went. True if it is done."""
     t0 = time.perf_counter()
     record = {"video": item.name, "input": str(item.path), "output": str(output_path(cfg, item))}
     try:
+        if error is not None:
+            raise error
         record.update(status="ok", **_outpaint_video(cfg, outpainter, item))
+        log.info("video %s done", item.name)
     except Exception as err:  # one bad video must not stop the batch; it is recorded and retried next run
         expected = isinstance(err, (OSError, ValueError))  # bad input: the message says it all
         log.error("video %s failed, skipped: %s", item.name, err, exc_info=not expected)
@@ -193,10 +216,18 @@ def infer(cfg) -> dict:
     index, count = jax.process_index(), jax.process_count()
     outcome = np.zeros(len(items), np.int32)
     mine = range(index, len(items), count)
-    pending = [i for i in mine if not output_path(cfg, items[i]).exists()]
+    pending = [i for i in mine if not output_path(cfg, items[i]).is_file()]
     outcome[list(mine)] = SKIPPED
     log.info("%d of %d videos to outpaint on this host (%d already finished)", len(pending), len(mine),
              len(mine) - len(pending))
+    # An output path that cannot be written fails its video now, not after the outpainting.
+    for i in list(pending):
+        try:
+            check_output_file(output_path(cfg, items[i]))
+        except OSError as err:
+            _attempt(cfg, None, items[i], err)
+            outcome[i] = FAILED
+            pending.remove(i)
     if pending:
         outpainter = Outpainter.from_folder(cfg.weights, settings)
         desc = "infer" if count == 1 else f"infer (process {index}/{count})"
@@ -204,7 +235,7 @@ def infer(cfg) -> dict:
                   file=sys.stderr) as bar:
             for i in pending:
                 bar.set_postfix_str(items[i].name)
-                outcome[i] = DONE if _attempt(cfg, outpainter, items[i]) else FAILED
+                outcome[i] = _claim_and_attempt(cfg, outpainter, items[i])
                 bar.update()
     if count > 1:  # also the barrier: every host has written its status files
         outcome = multihost_utils.process_allgather(outcome).max(axis=0)
@@ -215,18 +246,39 @@ def infer(cfg) -> dict:
     return summary
 
 
+def _claim_and_attempt(cfg, outpainter: Outpainter, item: Item) -> int:
+    """One video, if this run can claim it: another run on the same output folder may hold it, or have
+    finished it since this run listed the videos."""
+    with fileio.claim(str(lock_path(cfg, item))) as held:
+        if not held:
+            log.info("video %s is being outpainted by another run, left to it", item.name)
+            return CLAIMED
+        if output_path(cfg, item).is_file():
+            return CLAIMED
+        return DONE if _attempt(cfg, outpainter, item) else FAILED
+
+
 def summarize(cfg, items: list[Item], outcome: np.ndarray, seconds: float) -> dict:
+    """The batch's outcome, read from the status files: a video another run on the same output folder did
+    counts as that run recorded it, so whichever run writes the summary last writes it for the whole batch."""
     def status(item: Item) -> dict:
         try:
             return json.loads(status_path(cfg, item).read_text())
         except (OSError, ValueError):
             return {}
 
-    done = {it.name: status(it) for it, o in zip(items, outcome) if o == DONE}
-    failed = {it.name: status(it).get("error", "no status file") for it, o in zip(items, outcome) if o == FAILED}
+    records = {it.name: status(it) for it in items}
+    # A video another run held at this run's turn: done or failed as its status file says, else in progress.
+    claimed = {it.name: records[it.name].get("status") for it, o in zip(items, outcome) if o == CLAIMED}
+    done = {it.name: records[it.name] for it, o in zip(items, outcome)
+            if o == DONE or claimed.get(it.name) == "ok"}
+    failed = {it.name: records[it.name].get("error", "no status file") for it, o in zip(items, outcome)
+              if o == FAILED or claimed.get(it.name) == "error"}
     frames = sum(r.get("frames", 0) for r in done.values())
     return {"videos": len(items), "processes": jax.process_count(), "done": sorted(done),
             "skipped": [it.name for it, o in zip(items, outcome) if o == SKIPPED], "failed": failed,
+            "in_progress": sorted(name for name, s in claimed.items() if s not in ("ok", "error")),
+            "truncated": sorted(name for name, r in records.items() if r.get("status") == "ok" and r.get("truncated")),
             "frames": frames, "seconds": seconds, "frames_per_second": frames / seconds,
             "per_video": done, "settings": json.loads(json.dumps(cfg.to_dict()))}
 
@@ -236,6 +288,8 @@ def report(summary: dict) -> str:
              f"{len(summary['skipped'])} skipped (already finished), {len(summary['failed'])} failed; "
              f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['frames_per_second']:.2f} frames/s)"]
     lines += [f"failed: {name}: {reason}" for name, reason in summary["failed"].items()]
+    lines += [f"in progress in another run: {name}" for name in summary["in_progress"]]
+    lines += [f"truncated input (outpainted with the frames that decode): {name}" for name in summary["truncated"]]
     return "\n".join(lines)
 
 

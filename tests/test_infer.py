@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import av
 import pytest
 
 from conftest import REPO, VIDEOS, subprocess_env
@@ -87,6 +88,21 @@ def test_setup_errors_stop_before_any_work(tiny_weights, tmp_path):
     assert os.listdir(out) == ["x.mp4"]
 
 
+def test_output_that_is_a_folder_fails_first(tiny_weights, tmp_path, monkeypatch):
+    """An output path taken by a folder fails that video at once, naming the path, with no model loaded (it
+    used to count as already finished, or to fail on the rename after the whole outpainting)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(infer.Outpainter, "from_folder", refuse)
+    out = tmp_path / "out"
+    (out / f"{CLIPS[0].stem}.mp4").mkdir(parents=True)
+    cfg = load_config("infer_tiny", weights=tiny_weights, output_dir=str(out), inputs=(str(CLIPS[0]),))
+    summary = infer.infer(cfg)
+    assert summary["done"] == [] and summary["skipped"] == []
+    assert f"output {out / CLIPS[0].stem}.mp4 is a folder" in summary["failed"][CLIPS[0].stem]
+
+
 def test_example_config_needs_only_paths(tmp_path):
     cfg = load_config("infer_example", output_dir=str(tmp_path))
     assert cfg.sampler.steps == 50 and cfg.sampler.canvas_mode == "official"
@@ -151,12 +167,14 @@ def test_resume_after_kill(tiny_weights, tmp_path, compile_cache):
     assert 1 <= len(finished) < len(CLIPS), (finished, (tmp_path / "killed.log").read_text()[-3000:])
     for name in finished:
         assert len(read_video(out / f"{name}.mp4").frames) == FRAMES
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"}
+    assert len(list(out.rglob("*.lock"))) <= 1  # the killed run's claim on the video it was doing, if any
 
     proc = run(cmd, compile_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert outputs(out) == [c.stem for c in CLIPS]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert list(out.rglob("*.lock")) == []  # taken over: its process is dead
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == finished and summary["done"] == [c.stem for c in CLIPS if c.stem not in finished]
     assert summary["failed"] == {}
@@ -195,3 +213,48 @@ def test_two_hosts_split_the_videos(tiny_weights, tmp_path, compile_cache):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["done"] == names and summary["frames"] == FRAMES * len(names)
     assert "videos on 2 process(es)" in logs[0][0] and "videos on" not in logs[1][0]
+
+
+def cut_after_packets(src, dst, count):
+    """The bytes of `src` up to the end of its `count`-th video packet: a file cut short (a broken download)
+    whose container still declares every frame."""
+    with av.open(str(src)) as container:
+        ends = sorted(p.pos + p.size for p in container.demux(video=0) if p.pos is not None and p.size)
+    dst.write_bytes(src.read_bytes()[:ends[count - 1]])
+    return dst
+
+
+def test_two_runs_share_one_output_folder(tiny_weights, tmp_path, compile_cache):
+    """Two independent runs on one output folder split the videos (each claims a video with a lock file), the
+    summary covers the whole batch whoever writes it last, four copies of one clip give four identical files
+    (from either process), and a video cut short is done with the frames that decode and flagged 'truncated'."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    copies = [f"copy{i}" for i in range(4)]
+    for name in copies:
+        os.symlink(CLIPS[2], videos / f"{name}.mp4")
+    cut = cut_after_packets(CLIPS[2], videos / "cut.mp4", FRAMES - 1)
+    decoded = len(read_video(cut).frames)
+    assert decoded < FRAMES
+    out = tmp_path / "out"
+    cmd = command(tiny_weights, out, (str(videos),))
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(compile_cache)) for _ in range(2)]
+    logs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, logs):
+        assert p.returncode == 0, err[-3000:]
+    names = sorted(copies + ["cut"])
+    assert outputs(out) == names
+    for name in names:  # each video outpainted by exactly one of the runs
+        assert sum(err.count(f"video {name} done") for _, err in logs) == 1, [err[-2000:] for _, err in logs]
+    first = (out / "copy0.mp4").read_bytes()
+    assert all((out / f"{name}.mp4").read_bytes() == first for name in copies)
+    records = statuses(out)
+    assert records["cut"]["status"] == "ok" and records["cut"]["truncated"]
+    assert records["cut"]["frames"] == decoded and records["cut"]["declared_frames"] > FRAMES
+    assert not any(records[name]["truncated"] for name in copies)
+    assert "cut.mp4 is truncated" in logs[0][1] + logs[1][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["done"] + summary["skipped"]) == names and summary["failed"] == {}
+    assert summary["truncated"] == ["cut"]
+    assert [p.name for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".lock"] == []
