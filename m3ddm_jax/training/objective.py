@@ -47,42 +47,53 @@ def _posterior_sample(codec: LatentCodec, mean, std, key) -> jax.Array:
     return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * codec.config.scaling_factor
 
 
-def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
-    """Clean latents, conditioning latents, latent mask and global latents for a batch (no gradients)."""
-    k_clip, k_masked, k_global, k_black = jax.random.split(key, 4)
+def _pixel_masks(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(B, F, H, W) float, 1 where a clip frame is generated (0 throughout the given frames), and
+    (B, G, H, W) bool, where a global frame is masked."""
     mask = batch["mask"].astype(jnp.float32)
-    given = batch["given"][:, :, None, None, None]
-    cached = "latent_mean" in batch
-    if cached:
-        x0 = _posterior_sample(codec, batch["latent_mean"], batch["latent_std"], k_clip)
-        factor = mask.shape[1] // x0.shape[2]
-    else:
-        frames = to_model_range(batch["frames"])
-        x0 = encode_frames(codec, frames, k_clip)
-        factor = frames.shape[2] // x0.shape[2]
-    m = latent_mask(mask, factor)[:, None, :, :, None] * (1.0 - given.astype(jnp.float32))
-    m = jnp.broadcast_to(m, x0.shape[:-1] + (1,))
-    black = codec.encode_to_latents(jnp.full((1,) + mask.shape[1:] + (3,), -1.0), key=k_black)[0]
-    if cached:
-        cond = jnp.where(m > 0, black, x0)
-    else:
-        pixel_mask = mask[:, None, :, :, None] * (1.0 - given.astype(jnp.float32))
-        cond = encode_frames(codec, jnp.where(pixel_mask > 0, -1.0, frames), k_masked)
+    clip = mask[:, None] * (1.0 - batch["given"][:, :, None, None].astype(jnp.float32))
+    return clip, batch["global_masked"][:, :, None, None] & (mask[:, None] > 0)
 
-    drop = batch["drop_local"][:, None, None, None, None] & ~given
-    cond = jnp.where(drop, black, cond)
-    m = jnp.where(drop, 1.0, m)
 
-    if cached:
-        g = _posterior_sample(codec, batch["global_latent_mean"], batch["global_latent_std"], k_global)
-        gmask = batch["global_masked"][:, :, None, None, None] & (latent_mask(mask, factor)[:, None, :, :, None] > 0)
-        global_latents = jnp.where(gmask, black, g)
+def inputs_from_pixels(codec: LatentCodec, batch: dict, k_clip, k_masked, k_global) -> dict:
+    """The UNet inputs before CFG dropout from the batch's frames: masked regions are painted black, then
+    encoded."""
+    clip, masked_global = _pixel_masks(batch)
+    frames = to_model_range(batch["frames"])
+    x0 = encode_frames(codec, frames, k_clip)
+    cond = encode_frames(codec, jnp.where(clip[..., None] > 0, -1.0, frames), k_masked)
+    global_frames = jnp.where(masked_global[..., None], -1.0, to_model_range(batch["global_frames"]))
+    return {"x0": x0, "cond": cond, "mask": latent_mask(clip, clip.shape[2] // x0.shape[2])[..., None],
+            "global_latents": encode_frames(codec, global_frames, k_global)}
+
+
+def inputs_from_cache(codec: LatentCodec, batch: dict, black: jax.Array, k_clip, k_global) -> dict:
+    """The UNet inputs before CFG dropout from the batch's cached posteriors: masked latent cells take
+    `black`, the black frame's latent."""
+    clip, masked_global = _pixel_masks(batch)
+    x0 = _posterior_sample(codec, batch["latent_mean"], batch["latent_std"], k_clip)
+    factor = clip.shape[2] // x0.shape[2]
+    m = latent_mask(clip, factor)[..., None]
+    g = _posterior_sample(codec, batch["global_latent_mean"], batch["global_latent_std"], k_global)
+    return {"x0": x0, "cond": jnp.where(m > 0, black, x0), "mask": m,
+            "global_latents": jnp.where(latent_mask(masked_global, factor)[..., None], black, g)}
+
+
+def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
+    """Clean latents, conditioning latents, latent mask and global latents for a batch (no gradients): from
+    its cached posteriors when it holds them, else from its frames; then the CFG dropout."""
+    k_clip, k_masked, k_global, k_black = jax.random.split(key, 4)
+    black = codec.encode_to_latents(jnp.full((1, *batch["mask"].shape[1:], 3), -1.0), key=k_black)[0]
+    if "latent_mean" in batch:
+        inputs = inputs_from_cache(codec, batch, black, k_clip, k_global)
     else:
-        g = to_model_range(batch["global_frames"])
-        gmask = batch["global_masked"][:, :, None, None, None] & (mask[:, None, :, :, None] > 0)
-        global_latents = encode_frames(codec, jnp.where(gmask, -1.0, g), k_global)
-    global_latents = jnp.where(batch["drop_global"][:, None, None, None, None], 0.0, global_latents)
-    return jax.lax.stop_gradient({"x0": x0, "cond": cond, "mask": m, "global_latents": global_latents})
+        inputs = inputs_from_pixels(codec, batch, k_clip, k_masked, k_global)
+    drop = batch["drop_local"][:, None, None, None, None] & ~batch["given"][:, :, None, None, None]
+    inputs["cond"] = jnp.where(drop, black, inputs["cond"])
+    inputs["mask"] = jnp.where(drop, 1.0, inputs["mask"])
+    inputs["global_latents"] = jnp.where(batch["drop_global"][:, None, None, None, None], 0.0,
+                                         inputs["global_latents"])
+    return jax.lax.stop_gradient(inputs)
 
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
