@@ -14,7 +14,7 @@ from typing import Sequence
 import av
 import numpy as np
 
-from m3ddm_jax.video.io import decode_frames, declared_frame_count, truncation
+from m3ddm_jax.video.io import TAIL_TOLERANCE, decode_frames, declared_frame_count, truncation
 
 # A gap (in frames) beyond which decoding jumps with a seek to the keyframe before the next wanted frame
 # instead of decoding through. x264's default keyframe interval is 250, so a seek costs up to ~250 decoded
@@ -90,13 +90,13 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], *, seek_gap: in
             raise VideoError(f"{path}: decoding failed ({err}); the file may be damaged") from err
     missing = [i for i in wanted if i not in got]  # all after the stream's end
     if missing:
-        # A clip past the decodable end of a file cut short is rejected (the pipeline skips and counts it), as
-        # read_video diagnoses it; an estimated length a few frames long gets its tail filled with the last frame.
-        # Frame indices come from timestamps, so even an indexed count gets the tolerance of an estimated one.
-        cut = truncation(path, (declared[0], False), end + 1, missing[-1] + 1)
-        if cut is not None or end_image is None:
-            raise VideoError(cut or f"{path}: the stream ends at frame {end}, before frame {missing[-1]}; its "
-                                    f"header over-states its length")
+        # A stream a few frames short of its length (an estimate, or timestamps that round) gets its tail filled
+        # with its last frame; a clip past the decodable end of a file cut short is rejected (the pipeline skips
+        # and counts it) with read_video's diagnosis.
+        if end_image is None or missing[-1] - end > TAIL_TOLERANCE:
+            raise VideoError(truncation(path, declared, end + 1, missing[-1] + 1) or
+                             f"{path}: the stream ends at frame {end}, before frame {missing[-1]}; its header "
+                             f"over-states its length")
         got.update({i: end_image for i in missing})
     return np.stack([got[int(i)] for i in indices])
 
