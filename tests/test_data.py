@@ -384,6 +384,11 @@ def test_iterator_resume_equals_uninterrupted():
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
+    """Also from a program that never parsed absl flags (pytest, like a notebook or a plain script): the
+    pipeline starts grain's workers there and leaves the command line unparsed (the entry points own it)."""
+    from absl import flags
+
+    assert not flags.FLAGS.is_parsed(), "something in this test process parsed the global absl flags"
     source = _memory_source(8)
     expected = iter(make_dataset(SMALL, seed=11, source=source))
     expected = [next(expected) for _ in range(5)]
@@ -401,6 +406,7 @@ def test_worker_processes_give_the_same_batches_and_resume():
     finally:
         resumed.close()
     _assert_same_batches(got, expected)
+    assert not flags.FLAGS.is_parsed()
 
 
 # ------------------------------------------------------------------------------------------- latent cache

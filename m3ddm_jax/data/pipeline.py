@@ -46,6 +46,18 @@ from m3ddm_jax.video.canvas import LATENT_FACTOR
 
 log = logging.getLogger(__name__)
 
+_GRAIN_PROFILING_FLAG = "grain_enable_multiprocess_worker_profiling"
+
+
+def _default_grain_profiling_flag() -> None:
+    """Works around grain 0.2.18 (google/grain#1355, fixed upstream after that release; delete with it):
+    starting worker processes, grain reads its absl flag --grain_enable_multiprocess_worker_profiling, which
+    raises in a program that never parsed absl flags (pytest, a notebook, a script without absl.app). Give that
+    one flag its default, as the upstream fix does. The command line stays the entry points' business: no
+    other flag is touched and the flags are not marked parsed; where they are parsed this does nothing."""
+    if not flags.FLAGS.is_parsed() and _GRAIN_PROFILING_FLAG in flags.FLAGS:
+        flags.FLAGS[_GRAIN_PROFILING_FLAG].present = True
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -198,10 +210,7 @@ def make_dataset(config: DataConfig | Mapping[str, Any], *, seed: int, shard_ind
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     if config.worker_count > 0:
-        # Grain reads its absl flags when it starts workers; a program that never parsed flags (pytest, a
-        # notebook, a trainer without absl.app) would fail there, so take the defaults.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+        _default_grain_profiling_flag()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
                                                          per_worker_buffer_size=config.worker_buffer_size))
     return ds
