@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_consecutive_skips = 10
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"  # persistent XLA cache; "" disables
 
-    c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": ""})
+    # scaling_factor (pixel space only; a VAE folder carries its own): latents are pixels in [-1, 1] times it.
+    c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": "", "scaling_factor": 1.0})
     c.init = ml_collections.ConfigDict({"weights": ""})  # a weights folder (e.g. an inflated SD 1.5) or random
     # A random UNet's temporal convs and fps conditioning start as the identity (as inflation starts them)
     c.init.temporal_identity = True  # (the demo recipe: BENCHMARKS.md "Demo recipe search")

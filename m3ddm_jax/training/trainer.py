@@ -33,7 +33,7 @@ from m3ddm_jax.training.checkpoint import abstract_like
 def build_codec(cfg):
     """The latent space: the SD VAE of a converted weights folder, or the weight-free pixel space."""
     if cfg.latent.kind == "pixel":
-        return PixelSpace(PixelSpaceConfig(factor=cfg.latent.factor))
+        return PixelSpace(PixelSpaceConfig(factor=cfg.latent.factor, scaling_factor=cfg.latent.scaling_factor))
     if cfg.latent.kind == "vae":
         return pretrained.load_model(os.path.join(cfg.latent.weights, pretrained.VAE), dtype=cfg.compute_dtype)
     raise ValueError(f"latent.kind={cfg.latent.kind!r}: expected 'pixel' or 'vae'")
