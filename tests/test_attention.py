@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import test_unet
 from conftest import REPO
 from m3ddm_jax.models import attention
 from m3ddm_jax.models.layers import Attention
@@ -262,21 +261,3 @@ def test_cudnn_selection():
     assert not ok(jnp.bfloat16, 40, platform="cpu") and not ok(jnp.bfloat16, 40, platform="tpu")
     q, k, v = qkv(2, 24, 20, 2, 40, jnp.bfloat16)
     assert jnp.array_equal(attention.cudnn_attention(q, k, v), attention.xla_attention(q, k, v))
-
-
-# -------------------------------------------------------------------------------- UNet parity (slow)
-
-
-@pytest.mark.slow
-@pytest.mark.reference
-@pytest.mark.parametrize("case", test_unet.CASES, ids=[c["name"] for c in test_unet.CASES])
-def test_unet_with_chunked_matches_official(case, reference_dir, monkeypatch):
-    """The official fixture cases with every attention of the tiny UNet chunked: blocks of 16 KiB of scores
-    and 64 keys, so that batch blocks, query blocks and the online softmax all run (~1 min per case)."""
-    monkeypatch.setattr(attention, "CHUNK_BYTES", 16 << 10)
-    monkeypatch.setattr(attention, "CHUNK_KEYS", 64)
-    _, state, forward = test_unet.load_tiny(reference_dir, attention_impl="chunked")
-    d = np.load(reference_dir / case["file"])
-    diff = np.abs(test_unet.official_case_output(forward, state, d) - d["output"]).max()
-    print(f"{case['name']}: max abs diff {diff:.3g}")
-    assert diff <= test_unet.TOL

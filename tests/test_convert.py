@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO
+from conftest import REPO, flat_params
 from m3ddm_jax import pretrained
 from m3ddm_jax.convert import m3ddm
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
@@ -25,10 +25,6 @@ sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.reference
-
-
-def flat_params(model) -> dict:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def load_official_pair(folder):
@@ -43,6 +39,12 @@ def official(reference_dir):
     return load_official_pair(reference_dir)
 
 
+@pytest.fixture(scope="module")
+def each_official(each_reference_dir):
+    """load_official_pair of each folder of conftest's each_reference_dir."""
+    return load_official_pair(each_reference_dir)
+
+
 def write_checkpoint(folder, sd, reference_dir, fmt="safetensors"):
     """A released-checkpoint-like folder: config.json + diffusion_pytorch_model.<fmt>."""
     os.makedirs(folder, exist_ok=True)
@@ -55,8 +57,8 @@ def write_checkpoint(folder, sd, reference_dir, fmt="safetensors"):
     return path
 
 
-def test_cli_writes_a_folder_that_loads_with_one_call(tmp_path, reference_dir, official):
-    ref = reference_dir
+def test_cli_writes_a_folder_that_loads_with_one_call(tmp_path, each_reference_dir, each_official):
+    ref, official = each_reference_dir, each_official
     dst = tmp_path / "weights"
     rc = convert_checkpoint.main(["m3ddm", "--src", str(ref / "unet_tiny.safetensors"), "--config",
                                   str(ref / "config.json"), "--vae", str(ref / "vae_tiny.safetensors"),
@@ -157,10 +159,11 @@ def test_pickle_that_runs_code_is_refused(tmp_path, reference_dir):
     assert not marker.exists()
 
 
-def test_wrong_config_for_the_weights(tmp_path, reference_dir, official):
+def test_wrong_config_for_the_weights(tmp_path, each_reference_dir, each_official):
     """One more layer per block than the weights have: the new layers' tensors are reported missing (in every
     block), nothing is unexpected, a shape differs only where an up block's skip inputs moved, and the
     message counts them."""
+    reference_dir, official = each_reference_dir, each_official
     path = write_checkpoint(tmp_path, official[0], reference_dir)
     config = json.loads((reference_dir / "config.json").read_text())
     n = config["layers_per_block"]

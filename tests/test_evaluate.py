@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, VIDEOS
-from test_metrics import TorchI3D, lpips_pair  # noqa: F401 (a fixture)
-from m3ddm_jax import configlib, evaluate
+from conftest import REPO, VIDEOS, load_config
+from torch_reference import TorchI3D
+from m3ddm_jax import evaluate
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.video import read_video
 from m3ddm_jax.video.canvas import TELEA_RADIUS
 
 ASSETS = REPO / "assets" / "videos"  # CC BY 3.0 / CC0 clips; see SOURCES.md there
-
-
-def load_config(name="eval_tiny", **overrides):
-    cfg = configlib.load_config(REPO / "configs" / f"{name}.py")
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
-from test_sampler import SMALL_UNET
+from conftest import REPO, SMALL_UNET, flat, flat_params
 from m3ddm_jax import pretrained
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.models.layers import random_init
@@ -27,17 +26,6 @@ sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint  # noqa: E402
 
 CODEC = PixelSpace(PixelSpaceConfig(factor=2))
-
-
-def flat(tree) -> dict:
-    """A state's arrays by their parameter names ('conv_in.bias')."""
-    names = lambda path: [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return {".".join(n for n in names(p) if n != "value"): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def flat_params(model) -> dict:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def train_state(seed: int) -> dict:

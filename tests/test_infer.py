@@ -5,7 +5,6 @@ persistent compilation cache; tiny fixture weights, 3 frames per video, 2 steps 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,7 @@ import time
 import av
 import pytest
 
-from conftest import REPO, VIDEOS, subprocess_env
-from test_evaluate import load_config
+from conftest import REPO, VIDEOS, free_port, load_config, subprocess_env
 from m3ddm_jax import infer
 from m3ddm_jax.video import read_video
 
@@ -178,12 +176,6 @@ def test_resume_after_kill(tiny_weights, tmp_path, compile_cache):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == finished and summary["done"] == [c.stem for c in CLIPS if c.stem not in finished]
     assert summary["failed"] == {}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_hosts_split_the_videos(tiny_weights, tmp_path, compile_cache):

@@ -7,13 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_json
+from conftest import SMALL_UNET, load_json
 from m3ddm_jax import pretrained
 from m3ddm_jax.convert import m3ddm
 from m3ddm_jax.convert.sources import open_state_dict
 from m3ddm_jax.convert.vae import vae_from_torch
 from m3ddm_jax.models.layers import random_init
-from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.models.vae import VAEConfig
 from m3ddm_jax.sampling import Draws, Outpainter, WindowInputs, WindowSampler, combine, guidance_branches
 from m3ddm_jax.sampling.settings import SamplerSettings
@@ -126,12 +125,6 @@ def test_guidance_branches_and_formulas(scale, global_scale, exact, branches):
 
 
 # --- the jitted loop against the Python loop -------------------------------------------------------------
-
-# Two levels: the loop logic does not need depth, and it compiles fast.
-SMALL_UNET = UNet3DConfig(block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock3D", "DownBlockP3D"),
-                          up_block_types=("UpBlockP3D", "CrossAttnUpBlock3D"), attention_heads=2, norm_num_groups=4,
-                          cross_attention_dim=16, temporal_position_dim=8)
-
 
 def random_window_inputs(rng, b=2, f=4, hw=(4, 4), tokens=6):
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, flat, flat_params, free_port, run_ok, subprocess_env
 
 CONFIG = str(REPO / "configs" / "test_tiny.py")
 COMPARED = ("loss", "grad_norm", "learning_rate")
@@ -29,15 +28,6 @@ COMPARED = ("loss", "grad_norm", "learning_rate")
 def train_cmd(workdir, compile_cache, *overrides):
     return [sys.executable, "-m", "m3ddm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
             f"--config.compilation_cache={compile_cache}", *overrides]
-
-
-env = subprocess_env
-
-
-def run(cmd, timeout=600, **kw):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def metrics(workdir):
@@ -56,8 +46,8 @@ HELD_OUT = str(REPO / "assets" / "videos" / "stream_of_water.mp4")
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, compile_cache):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(train_cmd(workdir, compile_cache, "--config.total_steps=10", f"--config.sample.videos=('{HELD_OUT}',)"),
-        env=env())
+    run_ok(train_cmd(workdir, compile_cache, "--config.total_steps=10", f"--config.sample.videos=('{HELD_OUT}',)"),
+        env=subprocess_env())
     return workdir
 
 
@@ -79,7 +69,7 @@ def test_uninterrupted_run_learns_checkpoints_and_samples(uninterrupted):
 def test_kill9_then_resume_equals_uninterrupted(tmp_path, compile_cache, uninterrupted):
     workdir = str(tmp_path / "run")
     cmd = train_cmd(workdir, compile_cache, "--config.total_steps=10")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -88,7 +78,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, compile_cache, uninter
     killed_at = finished_steps(workdir)
     assert killed_at and killed_at[-1] < 10, f"the run was not interrupted mid-way (checkpoints {killed_at})"
 
-    run(cmd, env=env())
+    run_ok(cmd, env=subprocess_env())
     resumed, reference = metrics(workdir), metrics(uninterrupted)
     assert [r["step"] for r in resumed] == list(range(1, 11))  # lines past the restored step were replaced
     for got, want in zip(resumed, reference):
@@ -133,19 +123,13 @@ print(json.dumps({"losses": [out["single"][0], out["mesh"][0]], "param_diff": di
 
 
 def test_sharded_step_equals_single_device_and_restores_on_another_mesh(compile_cache, tmp_path):
-    proc = run([sys.executable, "-c", SHARDED_CHECK, CONFIG, str(tmp_path / "ckpt")],
-               env=env(devices=8, JAX_COMPILATION_CACHE_DIR=compile_cache))
+    proc = run_ok([sys.executable, "-c", SHARDED_CHECK, CONFIG, str(tmp_path / "ckpt")],
+               env=subprocess_env(devices=8, JAX_COMPILATION_CACHE_DIR=compile_cache))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     single, mesh = result["losses"]
     np.testing.assert_allclose(mesh, single, rtol=1e-5)
     assert result["param_diff"] < 1e-5
     assert result["restore_diff"] == 0.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_one_checkpoint_exported_on_one_host(tmp_path, compile_cache, capsys):
@@ -156,7 +140,7 @@ def test_two_processes_one_checkpoint_exported_on_one_host(tmp_path, compile_cac
     port = free_port()
     procs = [subprocess.Popen(train_cmd(workdir, compile_cache, "--config.total_steps=4", "--config.mesh.data=2"),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                              env=subprocess_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                       JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     for p in procs:
@@ -173,7 +157,6 @@ def test_two_processes_one_checkpoint_exported_on_one_host(tmp_path, compile_cac
     import orbax.checkpoint as ocp
 
     from m3ddm_jax import pretrained
-    from test_export import flat, flat_params
 
     dst = tmp_path / "model"
     assert convert_checkpoint.main(["export", "--src", workdir, "--dst", str(dst)]) == 0, capsys.readouterr().err
@@ -264,7 +247,7 @@ def test_damaged_newest_checkpoints_fall_back_and_resume_equals_uninterrupted(tm
     os.remove(os.path.join(ckpts, "8", "state", "_METADATA"))
     before = {s: sorted(os.listdir(os.path.join(ckpts, s, "state"))) for s in ("8", "10")}
 
-    proc = run(train_cmd(workdir, compile_cache, "--config.total_steps=10"), env=env())
+    proc = run_ok(train_cmd(workdir, compile_cache, "--config.total_steps=10"), env=subprocess_env())
     for step in (10, 8):
         assert re.search(rf"(?m)^W\d{{4}} .*checkpoint step {step} .*cannot be restored", proc.stderr), proc.stderr[-4000:]
     assert "resumed from step 6" in proc.stderr
@@ -285,7 +268,7 @@ def test_no_restorable_checkpoint_stops_with_a_clear_message(tmp_path, compile_c
     for step in ("6", "8", "10"):
         delete_a_data_file(os.path.join(ckpts, step))
     proc = subprocess.run(train_cmd(workdir, compile_cache, "--config.total_steps=12"), capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env=env())
+                          text=True, timeout=600, cwd=REPO, env=subprocess_env())
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert re.search(r"error: no checkpoint of .*checkpoints restores: step 10 \(.*\); step 8 \(.*\); step 6 \(",
                      proc.stderr), proc.stderr[-4000:]
@@ -298,7 +281,7 @@ def test_skipping_non_finite_steps_halts_after_too_many_in_a_row(tmp_path, compi
     skipped too. nonfinite='skip' halts after max_consecutive_skips of them, with halt's message."""
     workdir = str(tmp_path / "run")
     proc = subprocess.run(train_cmd(workdir, compile_cache, "--config.optim.lr=1e6", "--config.max_consecutive_skips=3"),
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env())
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=subprocess_env())
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     match = re.search(r"error: 3 consecutive steps up to step (\d+) had a non-finite loss or gradient \((\d+) in "
@@ -311,8 +294,8 @@ def test_skipping_non_finite_steps_halts_after_too_many_in_a_row(tmp_path, compi
 
     # With room for them, the run ends normally and its summary counts the skipped steps.
     workdir = str(tmp_path / "run2")
-    proc = run(train_cmd(workdir, compile_cache, "--config.optim.lr=1e6", "--config.max_consecutive_skips=100"),
-               env=env())
+    proc = run_ok(train_cmd(workdir, compile_cache, "--config.optim.lr=1e6", "--config.max_consecutive_skips=100"),
+               env=subprocess_env())
     skipped = metrics(workdir)[-1]["skipped_steps"]
     assert skipped > 3
     assert re.search(rf"(?m)^W\d{{4}} .*trained to step 8: {skipped} of 8 steps were skipped", proc.stderr), proc.stderr[-4000:]

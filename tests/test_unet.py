@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import load_json
 from m3ddm_jax.convert import m3ddm
+from m3ddm_jax.models import attention
 from m3ddm_jax.models.embeddings import sinusoidal_embedding
 from m3ddm_jax.models.layers import make_rngs
 from m3ddm_jax.models.remat import Remat
@@ -175,3 +176,21 @@ def test_remat_value_names_its_checkpoint_policy(value, policy):
 def test_unknown_remat_names_the_allowed_values():
     with pytest.raises(ValueError, match=r"remat='dot'.*expected one of \['none', 'full', 'dots'\]"):
         UNet3DConfig(remat="dot")
+
+
+# ------------------------------------------------------------- the official cases with chunked attention (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_unet_with_chunked_matches_official(case, reference_dir, monkeypatch):
+    """The official fixture cases with every attention of the tiny UNet chunked: blocks of 16 KiB of scores
+    and 64 keys, so that batch blocks, query blocks and the online softmax all run (~1 min per case)."""
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(attention, "CHUNK_KEYS", 64)
+    _, state, forward = load_tiny(reference_dir, attention_impl="chunked")
+    d = np.load(reference_dir / case["file"])
+    diff = np.abs(official_case_output(forward, state, d) - d["output"]).max()
+    print(f"{case['name']}: max abs diff {diff:.3g}")
+    assert diff <= TOL

@@ -1,5 +1,6 @@
 """Video side of outpainting: official canvas parity, global frames, PyAV read/write, native canvas."""
 
+import json
 import os
 import re
 import subprocess
@@ -73,8 +74,10 @@ def example(reference_dir):
 
 
 @pytest.mark.reference
-def test_official_canvas_matches_example(example):
-    case = PREPROCESS["example_npz"]["case"]
+def test_official_canvas_matches_example(each_reference_dir):
+    preprocess = json.loads((each_reference_dir / "preprocess.json").read_text())
+    example = load_example(each_reference_dir)
+    case = preprocess["example_npz"]["case"]
     layout = official_layout(case["input_hw"], case["target_ratio_list"])
     canvas = make_canvas(_nchw_to_nhwc(example["pre_input_frames"]), layout)
     # Bit-exact in uint8 units: the same OpenCV resize (float32) + truncation and TELEA radius 5.
@@ -94,7 +97,7 @@ def test_official_canvas_matches_example(example):
     assert (h, w) == layout.crops[0].hw
     ratio = parse_ratios(case["target_ratio_list"])[0]
     assert 0 <= (h * ratio - w if ratio < 1 else w / ratio - h) < 1
-    for recorded in PREPROCESS["cases"]:
+    for recorded in preprocess["cases"]:
         if [recorded["input_hw"], recorded["target_ratio_list"]] == [case["input_hw"], case["target_ratio_list"]]:
             assert [w, h] == recorded["final_crops"][0]["writer_size_wh"]
 
