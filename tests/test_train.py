@@ -51,7 +51,9 @@ def uninterrupted(tmp_path_factory, compile_cache):
     return workdir
 
 
-def test_uninterrupted_run_learns_checkpoints_and_samples(uninterrupted):
+def test_uninterrupted_run_logs_checkpoints_and_samples(uninterrupted):
+    """What a run leaves behind: a metrics line per step, the last checkpoints, TensorBoard, samples. (Whether
+    training learns is test_overfit's question: ten steps of a tiny model cannot show it.)"""
     rows = metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert finished_steps(uninterrupted) == [6, 8, 10]  # keep_checkpoints = 3
