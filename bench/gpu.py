@@ -259,9 +259,8 @@ def _sampler_call(tiny: bool, attention: str = "auto", windows: int = 1):
 
     from m3ddm_jax.pretrained import SD15_SCHEDULER_CONFIG
     from m3ddm_jax.sampling import Outpainter
-    from m3ddm_jax.sampling.pipeline import _global_tokens
     from m3ddm_jax.sampling.settings import SamplerSettings
-    from m3ddm_jax.sampling.window import Hashed, WindowInputs, call_spec, place
+    from m3ddm_jax.sampling.window import WindowInputs, call_spec, place
 
     shape = window_shape(tiny)
     unet, vae = full_models(tiny)
@@ -269,8 +268,7 @@ def _sampler_call(tiny: bool, attention: str = "auto", windows: int = 1):
     f, s, g = shape["frames"], shape["size"], shape["global_frames"]
     rng = np.random.default_rng(0)
     randn = lambda *sh: rng.standard_normal(sh).astype(np.float32)
-    sampler = outpainter.sampler
-    cond, uncond = _global_tokens(Hashed(sampler.graphdef), sampler.params, outpainter._put(randn(g, s, s, 4)))
+    cond, uncond = outpainter.latent_tokens(randn(g, s, s, 4))
     mask = np.zeros((1, 1, s, s, 1), np.float32)
     mask[:, :, :, : s // 4] = mask[:, :, :, s - s // 4:] = 1
     inputs = WindowInputs(randn(windows, f, s, s, 4), randn(windows, f, s, s, 4), mask,

@@ -12,15 +12,17 @@ import av
 import numpy as np
 import pytest
 
-from conftest import SMALL_UNET, VIDEOS, mux_sine
+from conftest import VIDEOS, mux_sine
+from test_sampler import SMALL_UNET
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.layers import random_init
 from m3ddm_jax.models.vae import VAEConfig
 from m3ddm_jax.outpaint import main
 from m3ddm_jax.sampling import Outpainter, plan_windows
-from m3ddm_jax.sampling.pipeline import compose_output
+from m3ddm_jax.sampling.pipeline import Draws, VideoLatents, compose_output
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video import composite, crop, make_canvas, native_layout, official_layout, read_video, write_video
+from m3ddm_jax.video.canvas import global_frames, to_model_range
 
 CLIP = VIDEOS / "stream_of_water.mp4"  # CC0 1.0 (MDN interactive-examples); see SOURCES.md
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -78,6 +80,22 @@ def test_hierarchical_batched_equals_sequential(weights, video_frames):
     assert set(batched.timings) == {"vae", "unet", "total"}
 
 
+def test_one_window_video_equals_outpaint_window(weights):
+    """A 16-frame video is one window: outpaint() gives the latents that outpaint_window() gives for its
+    canvas, global frames and draws (the two share the per-video preparation and the sampler call)."""
+    outpainter = Outpainter.from_folder(str(weights), SETTINGS)
+    frames = synthetic_frames(16)
+    result = outpainter.outpaint(frames, 25.0, "1:1", key=5)
+    assert len(result.plan.windows) == 1
+    canvas = make_canvas(frames, result.layout)
+    latent_hw = lambda hw: (hw[0] // outpainter.vae_factor, hw[1] // outpainter.vae_factor)
+    draws = Draws.from_key(5, latent_hw(result.layout.canvas_hw), latent_hw(SETTINGS.global_size))
+    latents, _ = outpainter.outpaint_window(to_model_range(canvas.init), to_model_range(canvas.masked),
+                                            canvas.mask, global_frames(frames, size=SETTINGS.global_size), 25.0,
+                                            draws=draws)
+    np.testing.assert_array_equal(latents, result.latents)
+
+
 class RecordingSampler:
     """Stands in for the window sampler: position p of window w comes out as 1000 w + p, and each window's
     guide inputs are recorded. Windows are recognised by their frames (the init latent of frame f is f)."""
@@ -107,7 +125,8 @@ def test_plan_routes_guides_and_outputs(weights, n):
     init = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 8, 8, 4))
     shared = dict(mask=np.ones((1, 1, 8, 8, 1)), uncond_latent=np.zeros((1, 1, 8, 8, 4)),
                   cond_tokens=np.zeros((1, 4, 16)), uncond_tokens=np.zeros((1, 4, 16)))
-    latents = outpainter._sample_plan(plan, init, init, shared, 25.0, np.zeros((16, 8, 8, 4)), {"unet": 0.0}, None)
+    video = VideoLatents(init, init, shared, np.zeros((16, 8, 8, 4)))
+    latents = outpainter._sample_plan(plan, video, 25.0, {"unet": 0.0}, None)
     assert sorted(recorder.seen) == [w.index for w in plan.windows]
     for w in plan.windows:
         flags, guides = recorder.seen[w.index]
@@ -129,8 +148,7 @@ unet, vae = tiny_models()
 frames = synthetic_frames()
 outpainters = [Outpainter(unet, vae, pretrained.SD15_SCHEDULER_CONFIG, SETTINGS, devices=devices)
                for devices in (jax.devices()[:1], jax.devices())]
-x = outpainters[1]._put(np.zeros((4, 3)), 4)
-assert x.sharding.shard_shape(x.shape) == (2, 3)  # each device gets half of the windows
+assert outpainters[1].vae_sharding.shard_shape((4, 3)) == (2, 3)  # each device encodes half of a VAE chunk
 runs = [o.outpaint(frames, 25.0, "1:1", key=3) for o in outpainters]
 np.testing.assert_allclose(runs[0].latents, runs[1].latents, rtol=1e-4, atol=1e-4)
 assert np.abs(runs[0].frames.astype(int) - runs[1].frames).max() <= 1

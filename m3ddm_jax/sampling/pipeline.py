@@ -84,6 +84,15 @@ class Outpainted:
     timings: dict[str, float]  # seconds: 'vae' (encode, global tokens, decode), 'unet' (sampler calls), 'total'
 
 
+class VideoLatents(NamedTuple):
+    """What the windows of one video are sampled from, computed once per video (Outpainter._prepare)."""
+
+    init: np.ndarray  # (N, h, w, C) latents of the init (TELEA-inpainted) canvas frames
+    cond: np.ndarray  # (N, h, w, C) latents of the masked canvas frames
+    shared: dict  # the WindowInputs every window shares (leading 1): mask, uncond_latent, cond/uncond_tokens
+    noise: jax.Array  # (F, h, w, C) the initial noise every window starts from
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef: Hashed, params, images, eps):
     return nnx.merge(graphdef.value, params).encode_to_latents(images, eps=eps)
@@ -149,8 +158,11 @@ class Outpainter:
                                      exact_branches=settings.exact_branches, loop=loop, strength=settings.strength)
         self.mesh = window_mesh(devices or jax.local_devices())
         self.num_devices = self.mesh.size
+        # The VAE's chunks of frames are split over the window axis (vae_batch is a multiple of the devices);
+        # the models' parameters and the global latents are replicated. The sampler calls' inputs are placed
+        # by sampling.window.call_spec.
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._split = NamedSharding(self.mesh, PartitionSpec(WINDOWS))
+        self.vae_sharding = NamedSharding(self.mesh, PartitionSpec(WINDOWS))
         self.sampler.put_params(self._replicated)
         vae_graphdef, vae_params = nnx.split(vae)
         self.vae_graphdef = Hashed(vae_graphdef)
@@ -177,23 +189,16 @@ class Outpainter:
     def _round_to_devices(self, n: int) -> int:
         return self.num_devices * math.ceil(n / self.num_devices)
 
-    def _put(self, tree, batch: int | None = None):
-        """Arrays with a leading axis of `batch` (a multiple of the device count) are split over the mesh,
-        the others (shared by every window: leading 1) replicated."""
-        def put(x):
-            split = batch is not None and np.shape(x)[:1] == (batch,) and batch % self.num_devices == 0
-            return jax.device_put(x, self._split if split else self._replicated)
-        return jax.tree.map(put, tree)
-
     def _vae_map(self, fn, graph_and_params, n: int, make: Callable[[int, int], tuple]) -> jax.Array:
-        """fn over n items in fixed-size chunks (the last one zero-padded), so one shape compiles."""
+        """fn over n items in fixed-size chunks (the last one zero-padded, so one shape compiles), each chunk
+        split over the devices."""
         size = self.vae_batch
         out = []
         for s in range(0, n, size):
             args = make(s, min(s + size, n))
             real = len(args[0])
             args = [np.pad(np.asarray(a), [(0, size - real)] + [(0, 0)] * (np.ndim(a) - 1)) for a in args]
-            out.append(fn(*graph_and_params, *self._put(args, size))[:real])
+            out.append(fn(*graph_and_params, *jax.device_put(args, self.vae_sharding))[:real])
         return jnp.concatenate(out)
 
     def encode(self, images: Items, n: int, eps: Items) -> np.ndarray:
@@ -208,11 +213,35 @@ class Outpainter:
 
     def global_tokens(self, images: np.ndarray, eps: Items) -> tuple[jax.Array, jax.Array]:
         """Global frames (G, Hg, Wg, 3) in [-1, 1] -> conditional and unconditional tokens, each (1, L, C)."""
-        latents = self.encode(lambda s, e: images[s:e], len(images), eps)
-        return _global_tokens(Hashed(self.sampler.graphdef), self.sampler.params, self._put(latents))
+        return self.latent_tokens(self.encode(lambda s, e: images[s:e], len(images), eps))
+
+    def latent_tokens(self, latents: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Global latents (G, hg, wg, 4) -> conditional and unconditional tokens, each (1, L, C)."""
+        return _global_tokens(Hashed(self.sampler.graphdef), self.sampler.params,
+                              jax.device_put(latents, self._replicated))
 
     def _latent_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         return hw[0] // self.vae_factor, hw[1] // self.vae_factor
+
+    def _prepare(self, images: Items, n: int, pixel_mask: np.ndarray, global_images: np.ndarray,
+                 draws: Draws) -> VideoLatents:
+        """The per-video pieces: `images(s, e)` in [-1, 1] are items s..e-1 of the n init frames, the n masked
+        frames and the black frame, VAE-encoded; the global frames become tokens; the pixel mask (H, W),
+        1 = generate, becomes the latent mask."""
+        local = self.encode(images, 2 * n + 1, draws.vae_local)
+        cond_tokens, uncond_tokens = self.global_tokens(global_images, draws.vae_global)
+        mask = latent_mask(pixel_mask, self.vae_factor)[None, None, :, :, None].astype(np.float32)
+        shared = dict(mask=mask, uncond_latent=local[None, None, 2 * n], cond_tokens=cond_tokens,
+                      uncond_tokens=uncond_tokens)
+        return VideoLatents(local[:n], local[n:2 * n], shared, draws.initial_noise)
+
+    def _sample_call(self, inputs: WindowInputs, noise) -> tuple[np.ndarray, jax.Array]:
+        """One sampler call, placed by its spec (what tools/aot_compile.py --what sample compiles): the
+        latents, and the noise as placed (moved to the devices once: later calls find it there)."""
+        b, f, h, w, c = np.shape(inputs.init_latents)
+        spec, noise_spec = call_spec(self.mesh, b, (h, w), c, inputs.cond_tokens, frames=f)
+        noise = place(noise, noise_spec)
+        return np.asarray(self.sampler(place(inputs, spec), noise=noise)), noise
 
     # ------------------------------------------------------------------------------------ one window
 
@@ -232,19 +261,15 @@ class Outpainter:
             draws = Draws.from_key(key, self._latent_hw(init_images.shape[1:3]),
                                    self._latent_hw(global_images.shape[1:3]), self.latent_channels)
         sources = (init_images, masked_images, -np.ones_like(init_images[:1]))
-        local = self.encode(lambda s, e: _take(sources, s, e), 2 * f + 1, draws.vae_local)
+        video = self._prepare(lambda s, e: _take(sources, s, e), f, pixel_mask, global_images, draws)
         if guide_flags is None:
             guide_flags = np.zeros(f, bool)
         if guide_latents is None:
-            guide_latents = np.zeros_like(local[:f])
-        cond_tokens, uncond_tokens = self.global_tokens(global_images, draws.vae_global)
-        inputs = WindowInputs(local[None, :f], local[None, f:2 * f],
-                              latent_mask(pixel_mask, self.vae_factor)[None, None, :, :, None].astype(np.float32),
-                              np.asarray(guide_latents, np.float32)[None], np.asarray(guide_flags, bool)[None],
-                              local[None, None, 2 * f], np.asarray([fps], np.float32), cond_tokens, uncond_tokens)
-        spec, noise_spec = call_spec(self.mesh, 1, local.shape[1:3], local.shape[-1], cond_tokens, frames=f)
-        noise = place(draws.initial_noise[None], noise_spec)
-        latents = np.asarray(self.sampler(place(inputs, spec), noise=noise))[0]
+            guide_latents = np.zeros_like(video.init)
+        window = np.arange(f)[None]
+        inputs = _window_inputs(video, window, np.asarray(guide_latents, np.float32)[window],
+                                np.asarray(guide_flags, bool)[None], np.asarray([fps], np.float32))
+        latents = self._sample_call(inputs, video.noise[None])[0][0]
         return latents, self.decode(latents)
 
     # ------------------------------------------------------------------------------------- a video
@@ -273,16 +298,12 @@ class Outpainter:
         t0 = time.perf_counter()
         black = np.zeros_like(canvas.masked[:1])
         sources = (canvas.init, canvas.masked, black)
-        local = self.encode(lambda s, e: to_model_range(_take(sources, s, e)), 2 * n + 1, draws.vae_local)
-        tokens = self.global_tokens(global_frames(frames, size=settings.global_size), draws.vae_global)
+        video = self._prepare(lambda s, e: to_model_range(_take(sources, s, e)), n, canvas.mask,
+                              global_frames(frames, size=settings.global_size), draws)
         timings["vae"] += time.perf_counter() - t0
 
         plan = plan_windows(n, strides)
-        mask = latent_mask(canvas.mask, self.vae_factor)[None, None, :, :, None].astype(np.float32)
-        shared = dict(mask=mask, uncond_latent=local[None, None, 2 * n], cond_tokens=tokens[0],
-                      uncond_tokens=tokens[1])
-        latents = self._sample_plan(plan, local[:n], local[n:2 * n], shared, float(fps), draws.initial_noise,
-                                    timings, progress)
+        latents = self._sample_plan(plan, video, float(fps), timings, progress)
 
         t0 = time.perf_counter()
         generated = to_uint8(self.decode(latents))
@@ -301,26 +322,21 @@ class Outpainter:
             calls.append((chunk, min(cap, self.num_devices * 2 ** math.ceil(math.log2(per_device)))))
         return calls
 
-    def _sample_plan(self, plan: WindowPlan, init: np.ndarray, cond: np.ndarray, shared: dict, fps: float,
-                     noise: jax.Array, timings: dict, progress: Progress | None) -> np.ndarray:
+    def _sample_plan(self, plan: WindowPlan, video: VideoLatents, fps: float, timings: dict,
+                     progress: Progress | None) -> np.ndarray:
         """Runs the plan's windows; returns the latent of every frame (plan.frame_sources())."""
-        held = np.zeros_like(init)  # the latent each frame holds once a window has produced it: guides
+        held = np.zeros_like(video.init)  # the latent each frame holds once a window has produced it: guides
         outputs = {}
-        noise = noise[None]
+        noise = video.noise[None]
         total, done = len(plan.windows) * self.steps, 0
         for batch in plan.batches():
             for chunk, size in self.split_batch(batch):
                 padded = chunk + chunk[-1:] * (size - len(chunk))  # repeats, discarded
                 idx = np.array([w.frame_indices for w in padded])
-                inputs = WindowInputs(init[idx], cond[idx], guide_latents=held[idx],
-                                      guide_flags=np.array([w.guide_flags for w in padded]),
-                                      fps=np.array([w.fps(fps) for w in padded], np.float32), **shared)
-                # Placed by the call's spec, which tools/aot_compile.py --what sample compiles.
-                spec, noise_spec = call_spec(self.mesh, size, init.shape[1:3], init.shape[-1],
-                                             shared["cond_tokens"])
+                inputs = _window_inputs(video, idx, held[idx], np.array([w.guide_flags for w in padded]),
+                                        np.array([w.fps(fps) for w in padded], np.float32))
                 t0 = time.perf_counter()
-                noise = place(noise, noise_spec)  # moved to the devices once: later calls find it there
-                out = np.asarray(self.sampler(place(inputs, spec), noise=noise))
+                out, noise = self._sample_call(inputs, noise)
                 timings["unet"] += time.perf_counter() - t0
                 for w, latents in zip(chunk, out):
                     outputs[w.index] = latents
@@ -329,6 +345,13 @@ class Outpainter:
                 if progress is not None:
                     progress(done, total)
         return np.stack([outputs[w][p] for w, p in plan.frame_sources()])
+
+
+def _window_inputs(video: VideoLatents, frames: np.ndarray, guide_latents: np.ndarray, guide_flags: np.ndarray,
+                   fps: np.ndarray) -> WindowInputs:
+    """The sampler inputs of windows of `video`: frames (B, F) indexes its latents."""
+    return WindowInputs(video.init[frames], video.cond[frames], guide_latents=guide_latents,
+                        guide_flags=guide_flags, fps=fps, **video.shared)
 
 
 def _take(arrays: Sequence[np.ndarray], s: int, e: int) -> np.ndarray:
