@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import pathlib
-import socket
 import sys
 import time
 from typing import Sequence
@@ -57,12 +56,12 @@ from typing import Sequence
 import jax
 import numpy as np
 from absl import app, flags
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from m3ddm_jax import configlib, fileio, sharding
-from m3ddm_jax.outpaint import check_layout, check_sampler, check_weights_folder
+from m3ddm_jax import configlib, fileio, jobs, sharding
+from m3ddm_jax.outpaint import check_layout, check_sampler
+from m3ddm_jax.pretrained import check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, check_output_file, read_video, write_video
@@ -71,10 +70,7 @@ log = logging.getLogger("m3ddm_jax.infer")
 
 LIST_EXTENSION = ".txt"
 STATUS_DIR, SUMMARY_FILE = "status", "summary.json"
-EXIT_SETUP_ERROR, EXIT_VIDEOS_FAILED = 1, 2
-# A video's outcome in this run, as gathered from the hosts (0: another host's video; CLAIMED: another run
-# on the same output folder held it at its turn, and its status file says how that went).
-DONE, SKIPPED, FAILED, CLAIMED = 1, 2, 3, 4
+EXIT_SETUP_ERROR, EXIT_VIDEOS_FAILED = jobs.EXIT_SETUP_ERROR, jobs.EXIT_ITEMS_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,16 +151,13 @@ def output_path(cfg, item: Item) -> pathlib.Path:
     return pathlib.Path(cfg.output_dir) / f"{item.name}.mp4"
 
 
-def status_path(cfg, item: Item) -> pathlib.Path:
-    return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{item.name}.json"
-
-
-def lock_path(cfg, item: Item) -> pathlib.Path:
-    return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{item.name}.lock"
+def status_path(cfg, name: str) -> pathlib.Path:
+    return pathlib.Path(cfg.output_dir) / STATUS_DIR / f"{name}.json"
 
 
 def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
     """Outpaints one video and writes its mp4; returns the 'ok' status fields."""
+    t0 = time.perf_counter()
     video = read_video(item.path, max_frames=cfg.max_frames or None)
     check_layout(cfg.weights, video.frames.shape[1:3], cfg.ratio, outpainter.settings)
     if video.truncated:
@@ -178,109 +171,48 @@ def _outpaint_video(cfg, outpainter: Outpainter, item: Item) -> dict:
     write_video(output_path(cfg, item), result.frames, video.fps, audio_from=video if video.has_audio else None)
     return {"frames": len(result.frames), "fps": float(video.fps), "source_size": list(video.frames.shape[1:3]),
             "output_size": list(result.frames.shape[1:3]), "timings": result.timings, "truncated": video.truncated,
-            "declared_frames": video.declared_frames}
-
-
-def _attempt(cfg, outpainter: Outpainter | None, item: Item, error: Exception | None = None) -> bool:
-    """One video, whatever happens to it (or the `error` found before it started): its status file says how it
-    went. True if it is done."""
-    t0 = time.perf_counter()
-    record = {"video": item.name, "input": str(item.path), "output": str(output_path(cfg, item))}
-    try:
-        if error is not None:
-            raise error
-        record.update(status="ok", **_outpaint_video(cfg, outpainter, item))
-        log.info("video %s done", item.name)
-    except Exception as err:  # one bad video must not stop the batch; it is recorded and retried next run
-        expected = isinstance(err, (OSError, ValueError))  # bad input: the message says it all
-        log.error("video %s failed, skipped: %s", item.name, err, exc_info=not expected)
-        record.update(status="error", error=str(err), error_type=type(err).__name__)
-    seconds = time.perf_counter() - t0
-    record.update(seconds=seconds, process=jax.process_index(), host=socket.gethostname(),
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if record["status"] == "ok":
-        record["frames_per_second"] = record["frames"] / seconds
-    fileio.write_text(str(status_path(cfg, item)), json.dumps(record, indent=2))
-    return record["status"] == "ok"
+            "declared_frames": video.declared_frames,
+            "frames_per_second": len(result.frames) / (time.perf_counter() - t0)}
 
 
 def infer(cfg) -> dict:
     """Runs (or resumes) the batch; returns the summary of the run (process 0 also writes it)."""
     t_start = time.perf_counter()
     settings = check_config(cfg)
-    items = list_inputs(cfg.inputs)
-    clash = [i.path for i in items if output_path(cfg, i).resolve() == i.path.resolve()]
+    items = {item.name: item for item in list_inputs(cfg.inputs)}
+    clash = [i.path for i in items.values() if output_path(cfg, i).resolve() == i.path.resolve()]
     if clash:
         raise ValueError(f"output {clash[0]} would overwrite its input; choose another output_dir")
     os.makedirs(pathlib.Path(cfg.output_dir) / STATUS_DIR, exist_ok=True)
-    index, count = jax.process_index(), jax.process_count()
-    outcome = np.zeros(len(items), np.int32)
-    mine = range(index, len(items), count)
-    pending = [i for i in mine if not output_path(cfg, items[i]).is_file()]
-    outcome[list(mine)] = SKIPPED
-    log.info("%d of %d videos to outpaint on this host (%d already finished)", len(pending), len(mine),
-             len(mine) - len(pending))
-    # An output path that cannot be written fails its video now, not after the outpainting.
-    for i in list(pending):
-        try:
-            check_output_file(output_path(cfg, items[i]))
-        except OSError as err:
-            _attempt(cfg, None, items[i], err)
-            outcome[i] = FAILED
-            pending.remove(i)
-    if pending:
-        outpainter = Outpainter.from_folder(cfg.weights, settings)
-        desc = "infer" if count == 1 else f"infer (process {index}/{count})"
-        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=desc, unit="video",
-                  file=sys.stderr) as bar:
-            for i in pending:
-                bar.set_postfix_str(items[i].name)
-                outcome[i] = _claim_and_attempt(cfg, outpainter, items[i])
-                bar.update()
-    if count > 1:  # also the barrier: every host has written its status files
-        outcome = multihost_utils.process_allgather(outcome).max(axis=0)
+    outcome = jobs.run(
+        list(items), lambda name, outpainter, bar: _outpaint_video(cfg, outpainter, items[name]),
+        status_path=lambda name: status_path(cfg, name),
+        finished=lambda name: output_path(cfg, items[name]).is_file(),
+        record=lambda name: {"video": name, "input": str(items[name].path),
+                             "output": str(output_path(cfg, items[name]))},
+        # An output path that cannot be written fails its video now, not after the outpainting.
+        check=lambda name: check_output_file(output_path(cfg, items[name])),
+        setup=lambda: Outpainter.from_folder(cfg.weights, settings), desc="infer", unit="video", verb="outpaint")
     assert outcome.all(), "a video was handled by no host"
-    summary = summarize(cfg, items, outcome, time.perf_counter() - t_start)
-    if index == 0:
+    summary = summarize(cfg, list(items), outcome, time.perf_counter() - t_start)
+    if jax.process_index() == 0:
         fileio.write_text(os.path.join(cfg.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
     return summary
 
 
-def _claim_and_attempt(cfg, outpainter: Outpainter, item: Item) -> int:
-    """One video, if this run can claim it: another run on the same output folder may hold it, or have
-    finished it since this run listed the videos."""
-    with fileio.claim(str(lock_path(cfg, item))) as held:
-        if not held:
-            log.info("video %s is being outpainted by another run, left to it", item.name)
-            return CLAIMED
-        if output_path(cfg, item).is_file():
-            return CLAIMED
-        return DONE if _attempt(cfg, outpainter, item) else FAILED
-
-
-def summarize(cfg, items: list[Item], outcome: np.ndarray, seconds: float) -> dict:
-    """The batch's outcome, read from the status files: a video another run on the same output folder did
-    counts as that run recorded it, so whichever run writes the summary last writes it for the whole batch."""
-    def status(item: Item) -> dict:
-        try:
-            return json.loads(status_path(cfg, item).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    records = {it.name: status(it) for it in items}
-    # A video another run held at this run's turn: done or failed as its status file says, else in progress.
-    claimed = {it.name: records[it.name].get("status") for it, o in zip(items, outcome) if o == CLAIMED}
-    done = {it.name: records[it.name] for it, o in zip(items, outcome)
-            if o == DONE or claimed.get(it.name) == "ok"}
-    failed = {it.name: records[it.name].get("error", "no status file") for it, o in zip(items, outcome)
-              if o == FAILED or claimed.get(it.name) == "error"}
-    frames = sum(r.get("frames", 0) for r in done.values())
-    return {"videos": len(items), "processes": jax.process_count(), "done": sorted(done),
-            "skipped": [it.name for it, o in zip(items, outcome) if o == SKIPPED], "failed": failed,
-            "in_progress": sorted(name for name, s in claimed.items() if s not in ("ok", "error")),
-            "truncated": sorted(name for name, r in records.items() if r.get("status") == "ok" and r.get("truncated")),
+def summarize(cfg, names: list[str], outcome: np.ndarray, seconds: float) -> dict:
+    """The batch's outcome, read from the status files (jobs.tally): whichever run on the output folder writes
+    the summary last writes it for the whole batch."""
+    tally = jobs.tally(names, outcome, lambda name: status_path(cfg, name))
+    truncated = [name for name in names if (r := jobs.read_status(status_path(cfg, name))).get("status") == "ok"
+                 and r.get("truncated")]
+    frames = sum(r.get("frames", 0) for r in tally["done"].values())
+    return {"videos": len(names), "processes": jax.process_count(), "done": sorted(tally["done"]),
+            "skipped": tally["skipped"],
+            "failed": {name: r.get("error", "no status file") for name, r in tally["failed"].items()},
+            "in_progress": tally["in_progress"], "truncated": truncated,
             "frames": frames, "seconds": seconds, "frames_per_second": frames / seconds,
-            "per_video": done, "settings": json.loads(json.dumps(cfg.to_dict()))}
+            "per_video": tally["done"], "settings": json.loads(json.dumps(cfg.to_dict()))}
 
 
 def report(summary: dict) -> str:
@@ -302,15 +234,13 @@ def main(argv) -> int:
     if cfg.compilation_cache:
         # A restarted batch (preemption, resume) reuses the compiled sampler from disk.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
-    try:
-        summary = infer(cfg)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_SETUP_ERROR
+    code, summary = jobs.main(lambda: infer(cfg))
+    if summary is None:
+        return code
     if jax.process_index() == 0:
         print(report(summary))
         print(f"summary: {os.path.join(cfg.output_dir, SUMMARY_FILE)}")
-    return EXIT_VIDEOS_FAILED if summary["failed"] else 0
+    return jobs.exit_code(summary["failed"])
 
 
 if __name__ == "__main__":

@@ -24,31 +24,11 @@ from tqdm import tqdm
 from m3ddm_jax import pretrained
 from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
+from m3ddm_jax.pretrained import WEIGHTS_ENV, check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
 from m3ddm_jax.sampling.settings import CANVAS_MODES, DTYPES, SCHEDULERS, SamplerSettings
 from m3ddm_jax.video import parse_ratio, read_video, write_video
 from m3ddm_jax.video.io import check_output_file
-
-WEIGHTS_ENV = "M3DDM_WEIGHTS"
-REQUIRED_FILES = tuple(os.path.join(sub, name) for sub, names in (
-    (pretrained.UNET, (pretrained.CONFIG_FILE, pretrained.PARAMS_FILE)),
-    (pretrained.VAE, (pretrained.CONFIG_FILE, pretrained.PARAMS_FILE)),
-    (pretrained.SCHEDULER, (pretrained.SCHEDULER_FILE,))) for name in names)
-
-
-def check_weights_folder(folder: str | None) -> str:
-    """Fails fast, before any model is loaded, on a missing or incomplete weights folder."""
-    convert = "convert a checkpoint or export a training run with tools/convert_checkpoint.py"
-    if not folder:
-        raise FileNotFoundError(f"no weights folder: pass --weights DIR or set ${WEIGHTS_ENV} ({convert})")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"weights folder {folder} does not exist; {convert}")
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise FileNotFoundError(f"weights folder {folder} is incomplete: missing {', '.join(missing)}; "
-                                f"{convert} (with --vae)")
-    return folder
-
 
 # flag -> SamplerSettings field; the defaults and the checks are the settings'.
 SETTINGS_FLAGS = {"seed": "seed", "steps": "steps", "strength": "strength", "mode": "canvas_mode",

@@ -50,6 +50,27 @@ class Weights:
     scheduler_config: dict
 
 
+WEIGHTS_ENV = "M3DDM_WEIGHTS"  # the default weights folder of the outpaint command
+REQUIRED_FILES = tuple(os.path.join(sub, name) for sub, names in (
+    (UNET, (CONFIG_FILE, PARAMS_FILE)),
+    (VAE, (CONFIG_FILE, PARAMS_FILE)),
+    (SCHEDULER, (SCHEDULER_FILE,))) for name in names)
+
+
+def check_weights_folder(folder: str | None) -> str:
+    """Fails fast, before any model is loaded, on a missing or incomplete weights folder."""
+    convert = "convert a checkpoint or export a training run with tools/convert_checkpoint.py"
+    if not folder:
+        raise FileNotFoundError(f"no weights folder: pass --weights DIR or set ${WEIGHTS_ENV} ({convert})")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"weights folder {folder} does not exist; {convert}")
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"weights folder {folder} is incomplete: missing {', '.join(missing)}; "
+                                f"{convert} (with --vae)")
+    return folder
+
+
 def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
