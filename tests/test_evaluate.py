@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, VIDEOS, load_config
 from torch_reference import TorchI3D
-from m3ddm_jax import evaluate
+from m3ddm_jax import evaluate, evaluation, jobs
 from m3ddm_jax.convert.mapping import CheckpointMismatchError
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.video import read_video
@@ -70,7 +70,8 @@ def test_end_to_end(first_run, videos):
     for row in ("| 0.25 | 2 |", "| 0.66 | 2 |", "| average |", "- FVD: no I3D weight file"):
         assert row in table
     # The protocol's geometry: 64x128 frames, bands of round(r * 128 / 2) = 16 and 42 pixels, the centre kept.
-    gt = evaluate.prepare(evaluate.read_frames(evaluate.Source("water", videos / "water"), 16, 24.0)[0], (64, 128))
+    water = evaluation.Source("water", videos / "water")
+    gt = evaluation.prepare(evaluation.read_frames(water, 16, 24.0)[0], (64, 128))
     for key, band in (("0.25", 16), ("0.66", 42)):
         record = json.loads((out / "per_video" / "water" / f"{key}.json").read_text())
         assert record["band"] == band and record["frames"] == 16 and record["size"] == [64, 128]
@@ -82,7 +83,7 @@ def test_end_to_end(first_run, videos):
         mask = np.zeros((64, 128), np.uint8)
         mask[:, :band] = mask[:, 128 - band:] = 1
         telea = np.stack([cv2.inpaint(f * (1 - mask[..., None]), mask, TELEA_RADIUS, cv2.INPAINT_TELEA) for f in gt])
-        expected = evaluate.image_scores(telea, gt, band)
+        expected = evaluation.image_scores(telea, gt, band)
         assert {k: record["telea"][k] for k in expected} == pytest.approx(expected) and "lpips" in record["telea"]
         assert record["telea"]["psnr"] > record["telea"]["psnr_generated"]
     telea = results["telea"]
@@ -150,20 +151,27 @@ def test_bad_video_is_skipped_and_listed(videos, tmp_path, monkeypatch):
     cfg = load_config(videos=str(folder), weights="", predictions=predictions_of(folder, tmp_path),
                       output_dir=str(tmp_path / "out"))
     barriers = []
+
+    def allgather(outcome):  # the barrier, where each host's outcomes are gathered
+        barriers.append(outcome)
+        return np.stack([outcome])
+
     monkeypatch.setattr(evaluate.jax, "process_count", lambda: 2)
-    monkeypatch.setattr("jax.experimental.multihost_utils.sync_global_devices", barriers.append)
+    monkeypatch.setattr(jobs.multihost_utils, "process_allgather", allgather)
     monkeypatch.setattr(evaluate.jax, "process_index", lambda: 1)
     assert evaluate.evaluate(cfg) is None  # host 1 scores its share, 'llama', and writes no report
     assert sorted(os.listdir(tmp_path / "out" / "per_video")) == ["llama"]
     monkeypatch.setattr(evaluate.jax, "process_index", lambda: 0)
     results = evaluate.evaluate(cfg)  # host 0: 'broken'
-    assert len(barriers) == 2
+    assert [b.tolist() for b in barriers] == [[0, jobs.DONE], [jobs.FAILED, 0]]  # host 1 had llama, host 0 broken
+    status = json.loads((tmp_path / "out" / "per_video" / "broken" / "status.json").read_text())
+    assert status["status"] == "error" and status["process"] == 0 and "a 40x64 frame" in status["error"]
     assert results["videos"] == ["llama"] and list(results["failed_videos"]) == ["broken"]
     assert f"{folder / 'broken' / '2.png'}: a 40x64 frame after 48x64 frames" in results["failed_videos"]["broken"]
     assert "- broken: " in (tmp_path / "out" / "results.md").read_text()
     cv2.imwrite(str(folder / "broken" / "2.png"), np.zeros((48, 64, 3), np.uint8))  # fixed: retried, scored
     assert evaluate.evaluate(cfg)["videos"] == ["broken", "llama"]
-    assert not (tmp_path / "out" / "per_video" / "broken" / "error.json").exists()
+    assert json.loads((tmp_path / "out" / "per_video" / "broken" / "status.json").read_text())["status"] == "ok"
 
 
 def test_bad_input_is_named(videos, tiny_weights, lpips_pair, tmp_path):
@@ -195,18 +203,18 @@ def test_truncated_video_is_refused(tmp_path):
     data = clip.read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[:int(len(data) * 0.3)])
     with pytest.raises(ValueError, match=r"cut\.mp4 is truncated: .*a benchmark video must be complete"):
-        evaluate.read_frames(evaluate.Source("cut", tmp_path / "cut.mp4"), 0, 24.0)
-    frames, _ = evaluate.read_frames(evaluate.Source("cut", tmp_path / "cut.mp4"), 2, 24.0)  # the first 2 are there
+        evaluation.read_frames(evaluation.Source("cut", tmp_path / "cut.mp4"), 0, 24.0)
+    frames, _ = evaluation.read_frames(evaluation.Source("cut", tmp_path / "cut.mp4"), 2, 24.0)  # the first 2 exist
     assert len(frames) == 2
 
 
 def test_band_geometry():
-    assert [evaluate.band_width(854, r) for r in (0.25, 0.66)] == [107, 282]  # DAVIS 480p width
-    assert [evaluate.band_width(256, r) for r in (0.25, 0.66)] == [32, 84]
-    mask = evaluate.generated_mask((2, 10), 3)
+    assert [evaluation.band_width(854, r) for r in (0.25, 0.66)] == [107, 282]  # DAVIS 480p width
+    assert [evaluation.band_width(256, r) for r in (0.25, 0.66)] == [32, 84]
+    mask = evaluation.generated_mask((2, 10), 3)
     assert mask[0].tolist() == [True] * 3 + [False] * 4 + [True] * 3
     with pytest.raises(ValueError, match="mask ratio 0.01 of a 64-pixel-wide frame leaves bands of 0 pixels"):
-        evaluate.band_width(64, 0.01)
+        evaluation.band_width(64, 0.01)
 
 
 def test_davis_config_needs_only_paths(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m3ddm_jax import evaluate, pretrained
+from m3ddm_jax import evaluation, pretrained
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
 from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3DConfig
@@ -82,7 +82,7 @@ def clip_frames(n: int, seed: int = 0) -> np.ndarray:
 
 
 def outpaint_oracle(frames, schedule_config, settings, *, bias=0.0, strides=None, oracle_cls=Oracle):
-    """The band protocol of validation (evaluate.outpaint_bands) with an oracle UNet: result, band PSNR."""
+    """The band protocol of validation (evaluation.outpaint_bands) with an oracle UNet: result, band PSNR."""
     schedule = NoiseSchedule.from_config(schedule_config)
     k = len(guidance_branches(settings.guidance_scale, settings.global_guidance_scale, settings.exact_branches))
     clean = CODEC.encode_to_latents(jnp.asarray(to_model_range(frames)))
@@ -90,7 +90,7 @@ def outpaint_oracle(frames, schedule_config, settings, *, bias=0.0, strides=None
                             settings)
     h, w = HW
     out = outpainter.outpaint(frames[:, :, BAND:w - BAND], 25.0, w / h, key=0, strides=strides).frames
-    return out, evaluate.image_scores(out, frames, BAND)["psnr_generated"]
+    return out, evaluation.image_scores(out, frames, BAND)["psnr_generated"]
 
 
 def final_noise_psnr(schedule_config) -> float:
@@ -113,7 +113,7 @@ def test_oracle_outpainting_recovers_the_ground_truth(schedule, scheduler):
     frames = clip_frames(31)
     config = SCHEDULES[schedule]
     out, psnr = outpaint_oracle(frames, config, SETTINGS.replace(scheduler=scheduler), strides=(5, 1))
-    telea = evaluate.image_scores(evaluate.telea_bands(frames, BAND), frames, BAND)["psnr_generated"]
+    telea = evaluation.image_scores(evaluation.telea_bands(frames, BAND), frames, BAND)["psnr_generated"]
     w = HW[1]
     np.testing.assert_array_equal(out[:, :, BAND:w - BAND], frames[:, :, BAND:w - BAND])
     assert psnr > final_noise_psnr(config) - 1.5 and psnr > telea + 15, (psnr, telea)
@@ -143,7 +143,7 @@ def training_batch(frames, given=None, drop_local=False):
     """A batch of the objective's contract (m3ddm_jax/training/objective.py) for one clip with the band mask."""
     f = len(frames)
     return {"frames": frames[None], "global_frames": frames[None, :4], "fps": np.array([25.0], np.float32),
-            "mask": evaluate.generated_mask(HW, BAND)[None].astype(np.float32),
+            "mask": evaluation.generated_mask(HW, BAND)[None].astype(np.float32),
             "given": np.zeros((1, f), bool) if given is None else given[None],
             "global_masked": np.zeros((1, 4), bool), "drop_local": np.array([drop_local]),
             "drop_global": np.array([False])}

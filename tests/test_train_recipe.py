@@ -144,7 +144,7 @@ def test_demo_beats_telea_on_its_held_out_clip(tmp_path, compile_cache):
     first max_frames frames at frame_size, bands of mask_ratio x W / 2 removed) back to the full frame with
     the outpainting CLI at the demo's sampler settings; in the generated bands its PSNR against the ground
     truth beats the TELEA fill of the same bands. The run's own validation says the same."""
-    from m3ddm_jax import evaluate
+    from m3ddm_jax import evaluation
     from m3ddm_jax.video import read_video, write_video
 
     cfg = config_from_flags(REPO / "configs" / "demo.py")
@@ -164,8 +164,8 @@ def test_demo_beats_telea_on_its_held_out_clip(tmp_path, compile_cache):
 
     v = cfg.validation
     clip = read_video(v.videos[0], max_frames=v.max_frames)
-    truth = evaluate.prepare(clip.frames, tuple(v.frame_size))
-    band = evaluate.band_width(truth.shape[2], v.mask_ratio)
+    truth = evaluation.prepare(clip.frames, tuple(v.frame_size))
+    band = evaluation.band_width(truth.shape[2], v.mask_ratio)
     centre, out = tmp_path / "centre.mp4", tmp_path / "out.mp4"
     write_video(centre, truth[:, :, band:truth.shape[2] - band], clip.fps)
     ratio = f"{truth.shape[2]}:{truth.shape[1]}"
@@ -174,6 +174,6 @@ def test_demo_beats_telea_on_its_held_out_clip(tmp_path, compile_cache):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = read_video(out).frames
     assert result.shape == truth.shape
-    model_psnr = evaluate.image_scores(result, truth, band)["psnr_generated"]
-    telea_psnr = evaluate.image_scores(evaluate.telea_bands(truth, band), truth, band)["psnr_generated"]
+    model_psnr = evaluation.image_scores(result, truth, band)["psnr_generated"]
+    telea_psnr = evaluation.image_scores(evaluation.telea_bands(truth, band), truth, band)["psnr_generated"]
     assert model_psnr > telea_psnr, (model_psnr, telea_psnr)

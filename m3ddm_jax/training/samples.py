@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from m3ddm_jax.evaluate import black_bands
+from m3ddm_jax.evaluation import black_bands
 from m3ddm_jax.sampling.pipeline import Outpainter, compose_output
 from m3ddm_jax.video.canvas import Layout, make_canvas
 from m3ddm_jax.video.grid import frame_grid, write_png
