@@ -19,6 +19,7 @@ and dropout sampling) and fed every step, so the figure is the device step, not 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -37,6 +38,7 @@ from m3ddm_jax.data.pipeline import make_dataset  # noqa: E402
 from m3ddm_jax.data.sources import ArrayVideo  # noqa: E402
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule  # noqa: E402
 from m3ddm_jax.flops import count_flops  # noqa: E402
+from m3ddm_jax.jitting import Static  # noqa: E402
 from m3ddm_jax.models.layers import random_init  # noqa: E402
 from m3ddm_jax.models.unet3d import UNet3DConfig  # noqa: E402
 from m3ddm_jax.models.vae import VAEConfig  # noqa: E402
@@ -110,9 +112,9 @@ def step_flops(cfg, unet_config: UNet3DConfig, codec, state, codec_state, batch)
     def count(remat: str) -> int:
         graphdef = nnx.split(pretrained.abstract_model(dataclasses.replace(unet_config, remat=remat)),
                              nnx.Param, ...)[0]
-        step = train_step.make_train_step(graphdef, nnx.split(codec)[0], tx, lr_schedule, schedule,
-                                          ema_decay=cfg.optim.ema_decay, seed=cfg.seed)
-        return count_flops(step, state, codec_state, batch)
+        spec = train_step.StepSpec(graphdef, nnx.split(codec)[0], tx, lr_schedule, schedule,
+                                   ema_decay=cfg.optim.ema_decay, seed=cfg.seed)
+        return count_flops(functools.partial(train_step.train_step, Static(spec)), state, codec_state, batch)
 
     hw = count(unet_config.remat)
     return (count("none") if unet_config.remat != "none" else hw), hw

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3ddm_jax import jitting
 from m3ddm_jax.metrics.i3d import InceptionI3d
 
 CLIP_FRAMES = 16
@@ -39,12 +40,16 @@ def i3d_inputs(clips: jax.Array) -> jax.Array:
     return 2.0 * x - 1.0
 
 
-@nnx.jit(static_argnames="layer")
 def video_features(i3d: InceptionI3d, clips: jax.Array, *, layer: str = "logits") -> jax.Array:
     """Clips (B, T, H, W, 3) in [0, 1] -> I3D features (B, 400) ('logits', the default) or (B, 1024) ('pool')."""
     if layer not in ("logits", "pool"):
         raise ValueError(f"fvd: unknown I3D layer {layer!r}; choose 'logits' (400-d) or 'pool' (1024-d)")
-    return i3d(i3d_inputs(clips))[layer]
+    return _features(*jitting.split(i3d), clips, layer)
+
+
+@jitting.model_jit(static_argnums=3)
+def _features(graphdef, state, clips, layer):
+    return nnx.merge(graphdef.value, state)(i3d_inputs(clips))[layer]
 
 
 class FeatureStats:

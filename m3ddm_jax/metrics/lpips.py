@@ -45,7 +45,8 @@ class AlexNetFeatures(nnx.Module):
 class LPIPS(nnx.Module):
     """Learned perceptual distance per frame: (..., H, W, 3) pairs in [-1, 1] -> (...).
 
-    Call it under nnx.jit (e.g. `nnx.jit(lambda m, a, b: m(a, b))`) in a loop over batches."""
+    Call it jitted, as m3ddm_jax.jitting does for every model (`model_jit` of a function of
+    (Static graphdef, state, pred, target) that nnx.merges them), in a loop over batches."""
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.alexnet = AlexNetFeatures(rngs=rngs)

@@ -27,12 +27,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from m3ddm_jax import pretrained
+from m3ddm_jax import jitting, pretrained
 from m3ddm_jax.models.unet3d import UNet3D
 from m3ddm_jax.models.vae import LatentCodec
 from m3ddm_jax.sampling.schedule import WINDOW, WindowPlan, plan_windows
 from m3ddm_jax.sampling.settings import CANVAS_MODES, SamplerSettings
-from m3ddm_jax.sampling.window import (Hashed, WindowInputs, WindowSampler, call_spec, place, window_mesh,
+from m3ddm_jax.jitting import Static, model_jit
+from m3ddm_jax.sampling.window import (WindowInputs, WindowSampler, call_spec, place, window_mesh,
                                        windows_per_call)
 from m3ddm_jax.sharding import WINDOWS
 from m3ddm_jax.video.canvas import (MODEL_MULTIPLE, CanvasFrames, Layout, OfficialLayout,
@@ -93,18 +94,18 @@ class VideoLatents(NamedTuple):
     noise: jax.Array  # (F, h, w, C) the initial noise every window starts from
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(graphdef: Hashed, params, images, eps):
+@model_jit
+def _encode(graphdef: Static, params, images, eps):
     return nnx.merge(graphdef.value, params).encode_to_latents(images, eps=eps)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef: Hashed, params, latents):
+@model_jit
+def _decode(graphdef: Static, params, latents):
     return jnp.clip(nnx.merge(graphdef.value, params).decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _global_tokens(graphdef: Hashed, params, latents):
+@model_jit
+def _global_tokens(graphdef: Static, params, latents):
     """Conditional tokens of the global latents and unconditional ones (the encoder on zero latents)."""
     unet = nnx.merge(graphdef.value, params)
     return unet.encode_global(latents, 1), unet.encode_global(jnp.zeros_like(latents), 1)
@@ -164,8 +165,7 @@ class Outpainter:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.vae_sharding = NamedSharding(self.mesh, PartitionSpec(WINDOWS))
         self.sampler.put_params(self._replicated)
-        vae_graphdef, vae_params = nnx.split(vae)
-        self.vae_graphdef = Hashed(vae_graphdef)
+        self.vae_graphdef, vae_params = jitting.split(vae)
         self.vae_params = jax.device_put(vae_params, self._replicated)
         self.vae_factor = vae.config.downsample_factor
         self.latent_channels = vae.config.latent_channels
@@ -217,7 +217,7 @@ class Outpainter:
 
     def latent_tokens(self, latents: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """Global latents (G, hg, wg, 4) -> conditional and unconditional tokens, each (1, L, C)."""
-        return _global_tokens(Hashed(self.sampler.graphdef), self.sampler.params,
+        return _global_tokens(Static(self.sampler.graphdef), self.sampler.params,
                               jax.device_put(latents, self._replicated))
 
     def _latent_hw(self, hw: tuple[int, int]) -> tuple[int, int]:

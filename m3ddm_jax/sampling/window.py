@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.flops import count_flops
+from m3ddm_jax.jitting import Static, model_jit
 from m3ddm_jax.models.unet3d import UNet3D
 from m3ddm_jax.sampling.schedule import WINDOW
 from m3ddm_jax.sharding import WINDOWS
@@ -132,22 +133,6 @@ def combine(eps: dict[str, jax.Array], scale, global_scale) -> jax.Array:
     return eps["cc"]
 
 
-class Hashed:
-    """A static jit argument hashed once. Hashing a model's GraphDef walks every node (~10 ms for the full
-    UNet), which jit would otherwise repeat on every call."""
-
-    __slots__ = ("value", "_hash")
-
-    def __init__(self, value):
-        self.value, self._hash = value, hash(value)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Hashed) and self._hash == other._hash and self.value == other.value
-
-
 @functools.lru_cache(maxsize=None)
 def _scheduler(kind: str, steps: int, config_json: str, strength: float = 1.0):
     """(schedule, sampler) for a hashable description: one object per description, so that jit caches keyed
@@ -203,8 +188,8 @@ def _start(sampler_key, branches, inputs: WindowInputs, noise):
     return _rows(inputs, branches), sampler.init_state(latents), latents
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sample(static: Hashed, params, inputs: WindowInputs, noise, scales):
+@model_jit
+def _sample(static: Static, params, inputs: WindowInputs, noise, scales):
     graphdef, sampler_key, branches = static.value
     unet = nnx.merge(graphdef, params)
     sampler = _scheduler(*sampler_key)[1]
@@ -221,8 +206,8 @@ def _sample(static: Hashed, params, inputs: WindowInputs, noise, scales):
 _start_jit = jax.jit(_start, static_argnums=(0, 1))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step_jit(static: Hashed, params, rows, scales, state, latents, i):
+@model_jit
+def _step_jit(static: Static, params, rows, scales, state, latents, i):
     graphdef, sampler_key, branches = static.value
     sampler = _scheduler(*sampler_key)[1]
     return _denoise(nnx.merge(graphdef, params), sampler, branches, rows, scales, state, latents, i)
@@ -248,7 +233,7 @@ class WindowSampler:
         self.branches = guidance_branches(guidance_scale, global_guidance_scale, exact_branches)
         self.scales = jnp.asarray([guidance_scale, global_guidance_scale], jnp.float32)
         self.graphdef, self.params = nnx.split(unet)
-        self._static = Hashed((self.graphdef, self.sampler_key, self.branches))
+        self._static = Static((self.graphdef, self.sampler_key, self.branches))
         self.loop = loop
 
     @property

@@ -8,7 +8,7 @@ state and EMA untouched and is counted; the host loop decides whether to go on o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
+from m3ddm_jax.jitting import Static
 from m3ddm_jax.training import objective
 
 
@@ -69,35 +70,43 @@ def _where(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def make_train_step(graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, schedule: NoiseSchedule, *, ema_decay: float,
-                    seed: int, loss_weighting: str = "uniform", snr_gamma: float = 5.0) -> Callable:
-    """(state, codec_state, batch) -> (state, metrics). Wrap it in jax.jit with shardings (train.py).
-    `loss_weighting` and `snr_gamma` weight the loss per clip (objective.loss_weights)."""
-    base_key = jax.random.key(seed)
+class StepSpec(NamedTuple):
+    """What the train step is made of besides arrays: the static argument of `train_step`."""
 
-    def step(state: TrainState, codec_state: nnx.State, batch: dict):
-        key = jax.random.fold_in(base_key, state.step)
-        k_inputs, k_loss = jax.random.split(key)
-        codec = nnx.merge(codec_graphdef, codec_state)
-        inputs = objective.unet_inputs(codec, batch, k_inputs)
+    graphdef: nnx.GraphDef  # of the UNet: nnx.merge(graphdef, params, state.rest)
+    codec_graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    schedule: NoiseSchedule
+    ema_decay: float
+    seed: int
+    loss_weighting: str = "uniform"  # and snr_gamma: the loss weight per clip (objective.loss_weights)
+    snr_gamma: float = 5.0
 
-        def loss_fn(params):
-            unet = nnx.merge(graphdef, params, state.rest)
-            return objective.loss(unet, schedule, inputs, batch["fps"], k_loss, weighting=loss_weighting,
-                                  snr_gamma=snr_gamma)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
-        new = TrainState(step=state.step + 1, params=_where(finite, params, state.params), rest=state.rest,
-                         opt_state=_where(finite, opt_state, state.opt_state), ema=_where(finite, ema, state.ema),
-                         skipped=state.skipped + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
-                   "finite": finite}
-        return new, metrics
+def train_step(spec: Static, state: TrainState, codec_state: nnx.State, batch: dict):
+    """(state, codec_state, batch) -> (state, metrics) for `spec` (a Static StepSpec). Jit it with
+    jitting.model_jit and the state's shardings (trainer.build_train_program)."""
+    s: StepSpec = spec.value
+    key = jax.random.fold_in(jax.random.key(s.seed), state.step)
+    k_inputs, k_loss = jax.random.split(key)
+    codec = nnx.merge(s.codec_graphdef, codec_state)
+    inputs = objective.unet_inputs(codec, batch, k_inputs)
 
-    return step
+    def loss_fn(params):
+        unet = nnx.merge(s.graphdef, params, state.rest)
+        return objective.loss(unet, s.schedule, inputs, batch["fps"], k_loss, weighting=s.loss_weighting,
+                              snr_gamma=s.snr_gamma)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: s.ema_decay * e + (1.0 - s.ema_decay) * p, state.ema, params)
+    new = TrainState(step=state.step + 1, params=_where(finite, params, state.params), rest=state.rest,
+                     opt_state=_where(finite, opt_state, state.opt_state), ema=_where(finite, ema, state.ema),
+                     skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": s.lr_schedule(state.step),
+               "finite": finite}
+    return new, metrics

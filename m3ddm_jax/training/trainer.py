@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from m3ddm_jax import pretrained, sharding
+from m3ddm_jax import jitting, pretrained, sharding
 from m3ddm_jax.convert import inflate
 from m3ddm_jax.data.clips import ClipConfig
 from m3ddm_jax.data.pipeline import DataConfig, batch_spec
@@ -143,11 +143,12 @@ def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgr
     codec_sh = sharding.state_shardings(codec_state, mesh, rules)
     spec = step_batch_spec(cfg, codec.config)
     batch_sh = {k: sharding.batch_sharding(mesh, len(shape), rules) for k, (shape, _) in spec.items()}
-    step_fn = sharding.MeshBound(jax.jit(
-        train_step.make_train_step(graphdef, codec_graphdef, tx, lr_schedule, schedule,
-                                   ema_decay=cfg.optim.ema_decay, seed=cfg.seed,
-                                   loss_weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma),
-        in_shardings=(state_sh, codec_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0), mesh)
+    step_spec = train_step.StepSpec(graphdef, codec_graphdef, tx, lr_schedule, schedule,
+                                    ema_decay=cfg.optim.ema_decay, seed=cfg.seed,
+                                    loss_weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma)
+    jitted = jitting.model_jit(train_step.train_step, in_shardings=(state_sh, codec_sh, batch_sh),
+                               out_shardings=(state_sh, None), donate_argnums=1)  # 1: the state
+    step_fn = sharding.MeshBound(jitting.Bound(jitted, jitting.Static(step_spec)), mesh)
     return TrainProgram(
         mesh=mesh, rules=rules, graphdef=graphdef,
         # The optimiser state is built on the devices, already sharded: never whole on one device.

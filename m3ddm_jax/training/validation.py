@@ -11,7 +11,7 @@ when training ends:
   noise drawn once from `seed`. The same draws at every step and in every run of the same clip config, so
   the figure compares across steps and runs (runs with another zero-terminal-SNR setting have other noise
   levels at the same t).
-* Outpainting (`val_psnr_generated`, `val_ssim_generated`): evaluate's band protocol (m3ddm_jax.evaluation):
+* Outpainting (`val_psnr_generated`, `val_ssim_generated`): evaluate's band protocol (m3ddm_jax.evaluate):
   the first `max_frames` frames resized to `frame_size`, bands of round(mask_ratio W / 2) pixels generated
   on both sides, the centre kept, the model's result scored by PSNR and SSIM in the generated bands; next
   to it the TELEA fill of the same bands (`telea_psnr_generated`, `telea_ssim_generated`). The canvas is
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3ddm_jax import evaluation
+from m3ddm_jax import evaluate
+from m3ddm_jax import jitting
 from m3ddm_jax.data.clips import ClipConfig
 from m3ddm_jax.data.masks import MaskConfig
 from m3ddm_jax.data.pipeline import VideoExamples
@@ -79,7 +80,7 @@ def check(cfg, settings: SamplerSettings, multiple: int) -> None:
     if not v.videos:
         return
     h, w = v.frame_size
-    band = evaluation.band_width(w, v.mask_ratio)
+    band = evaluate.band_width(w, v.mask_ratio)
     canvas = settings_for(cfg, settings)
     fix = f"use sides that are multiples of {multiple}"
     try:
@@ -104,16 +105,15 @@ class Validator:
         self.batches = [self._loss_batch(path, i) for i, path in enumerate(v.videos)]
         t = self.schedule.num_train_timesteps
         self.timesteps = ((np.arange(v.timesteps) + 0.5) * t / v.timesteps).astype(np.int32)
-        self._loss = jax.jit(self._noise_errors, static_argnums=0)
 
     def _held_out(self, path: str) -> HeldOutClip:
         v = self.cfg.validation
         video = read_video(path, max_frames=v.max_frames)
-        frames = evaluation.prepare(video.frames, tuple(v.frame_size))
-        band = evaluation.band_width(frames.shape[2], v.mask_ratio)
-        telea = evaluation.telea_bands(frames, band)
+        frames = evaluate.prepare(video.frames, tuple(v.frame_size))
+        band = evaluate.band_width(frames.shape[2], v.mask_ratio)
+        telea = evaluate.telea_bands(frames, band)
         return HeldOutClip(os.path.splitext(os.path.basename(path))[0], frames, float(video.fps), band, telea,
-                           evaluation.image_scores(telea, frames, band))
+                           evaluate.image_scores(telea, frames, band))
 
     def _loss_batch(self, path: str, index: int) -> dict[str, np.ndarray]:
         """`clips` clips of one video from the training sampler (seeded per clip), CFG dropout off."""
@@ -126,25 +126,12 @@ class Validator:
         batch["drop_global"] = np.zeros_like(batch["drop_global"])
         return batch
 
-    def _noise_errors(self, graphdef, state, codec_state, batch, key, timesteps):
-        """(timesteps, clips) noise MSE of the fixed draws: inputs and noise from `key`, one pass per t."""
-        unet, codec = nnx.merge(graphdef, state), nnx.merge(nnx.graphdef(self.codec), codec_state)
-        k_inputs, k_noise = jax.random.split(key)
-        inputs = objective.unet_inputs(codec, batch, k_inputs)
-        x0 = inputs["x0"]
-
-        def one(j):
-            noise = jax.random.normal(jax.random.fold_in(k_noise, j), x0.shape, jnp.float32)
-            t = jnp.full((x0.shape[0],), timesteps[j])
-            return objective.noise_error(unet, self.schedule, inputs, batch["fps"], t, noise)
-
-        return jax.lax.map(one, jnp.arange(len(timesteps)))
-
     def loss(self, unet: nnx.Module) -> float:
         graphdef, state = nnx.split(unet)
-        codec_state = nnx.state(self.codec)
-        errors = [self._loss(graphdef, state, codec_state, batch,
-                             jax.random.fold_in(jax.random.key(self.cfg.validation.seed), i), self.timesteps)
+        codec_graphdef, codec_state = nnx.split(self.codec)
+        static = jitting.Static((graphdef, codec_graphdef, self.schedule))
+        errors = [_noise_errors(static, state, codec_state, batch,
+                                jax.random.fold_in(jax.random.key(self.cfg.validation.seed), i), self.timesteps)
                   for i, batch in enumerate(self.batches)]
         return float(np.mean([np.mean(e) for e in errors]))
 
@@ -155,9 +142,9 @@ class Validator:
         outpainter = Outpainter(unet, self.codec, self.scheduler_config, self.settings)
         scores, results = [], []
         for clip in self.clips:
-            result = evaluation.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
-                                               evaluation.video_key(self.settings.seed, clip.name))
-            scores.append(evaluation.image_scores(result, clip.frames, clip.band))
+            result = evaluate.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
+                                             evaluate.video_key(self.settings.seed, clip.name))
+            scores.append(evaluate.image_scores(result, clip.frames, clip.band))
             results.append(result)
         for prefix, rows in (("val", scores), ("telea", [c.telea_scores for c in self.clips])):
             for metric in ("psnr_generated", "ssim_generated"):
@@ -167,3 +154,21 @@ class Validator:
                                           self.cfg.sample.grid_columns)
         record.update(val_seconds=time.perf_counter() - t0, val_cpu_seconds=time.process_time() - cpu0)
         return record
+
+
+@jitting.model_jit
+def _noise_errors(static, state, codec_state, batch, key, timesteps):
+    """(timesteps, clips) noise MSE of the fixed draws for static (UNet graphdef, codec graphdef, schedule):
+    inputs and noise from `key`, one pass per t."""
+    graphdef, codec_graphdef, schedule = static.value
+    unet, codec = nnx.merge(graphdef, state), nnx.merge(codec_graphdef, codec_state)
+    k_inputs, k_noise = jax.random.split(key)
+    inputs = objective.unet_inputs(codec, batch, k_inputs)
+    x0 = inputs["x0"]
+
+    def one(j):
+        noise = jax.random.normal(jax.random.fold_in(k_noise, j), x0.shape, jnp.float32)
+        t = jnp.full((x0.shape[0],), timesteps[j])
+        return objective.noise_error(unet, schedule, inputs, batch["fps"], t, noise)
+
+    return jax.lax.map(one, jnp.arange(len(timesteps)))
