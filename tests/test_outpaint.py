@@ -12,8 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import VIDEOS, mux_sine
-from test_sampler import SMALL_UNET
+from conftest import SMALL_UNET, VIDEOS, mux_sine
 from m3ddm_jax import pretrained
 from m3ddm_jax.models.layers import random_init
 from m3ddm_jax.models.vae import VAEConfig

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3ddm_jax import metrics
+from m3ddm_jax import jitting, metrics
 from m3ddm_jax.evaluation.protocol import generated_mask
 
 
@@ -20,10 +20,10 @@ def _image_scores(pred, target, mask):
             "psnr_generated": metrics.psnr(p, t, mask), "ssim_generated": metrics.ssim(p, t, mask)}
 
 
-@nnx.jit
-def _lpips_scores(model, pred, target):
+@jitting.model_jit
+def _lpips_scores(graphdef, state, pred, target):
     to_signed = lambda x: x.astype(jnp.float32) / 255 * 2 - 1
-    return model(to_signed(pred), to_signed(target))
+    return nnx.merge(graphdef.value, state)(to_signed(pred), to_signed(target))
 
 
 class Scorer:
@@ -47,7 +47,8 @@ class Scorer:
         """Mean over frames of each image metric."""
         scores = image_scores(pred, target, band, batch=self.batch)
         if self.lpips is not None:
-            lpips = _chunked(lambda p, t: {"lpips": _lpips_scores(self.lpips, p, t)}, pred, target, batch=self.batch)
+            model = jitting.split(self.lpips)
+            lpips = _chunked(lambda p, t: {"lpips": _lpips_scores(*model, p, t)}, pred, target, batch=self.batch)
             scores["lpips"] = float(np.mean(lpips["lpips"]))
         return scores
 

@@ -11,7 +11,7 @@ when training ends:
   noise drawn once from `seed`. The same draws at every step and in every run of the same clip config, so
   the figure compares across steps and runs (runs with another zero-terminal-SNR setting have other noise
   levels at the same t).
-* Outpainting (`val_psnr_generated`, `val_ssim_generated`): evaluate's band protocol (m3ddm_jax.evaluate):
+* Outpainting (`val_psnr_generated`, `val_ssim_generated`): evaluate's band protocol (m3ddm_jax.evaluation):
   the first `max_frames` frames resized to `frame_size`, bands of round(mask_ratio W / 2) pixels generated
   on both sides, the centre kept, the model's result scored by PSNR and SSIM in the generated bands; next
   to it the TELEA fill of the same bands (`telea_psnr_generated`, `telea_ssim_generated`). The canvas is
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3ddm_jax import evaluate
+from m3ddm_jax import evaluation
 from m3ddm_jax import jitting
 from m3ddm_jax.data.clips import ClipConfig
 from m3ddm_jax.data.masks import MaskConfig
@@ -80,7 +80,7 @@ def check(cfg, settings: SamplerSettings, multiple: int) -> None:
     if not v.videos:
         return
     h, w = v.frame_size
-    band = evaluate.band_width(w, v.mask_ratio)
+    band = evaluation.band_width(w, v.mask_ratio)
     canvas = settings_for(cfg, settings)
     fix = f"use sides that are multiples of {multiple}"
     try:
@@ -109,11 +109,11 @@ class Validator:
     def _held_out(self, path: str) -> HeldOutClip:
         v = self.cfg.validation
         video = read_video(path, max_frames=v.max_frames)
-        frames = evaluate.prepare(video.frames, tuple(v.frame_size))
-        band = evaluate.band_width(frames.shape[2], v.mask_ratio)
-        telea = evaluate.telea_bands(frames, band)
+        frames = evaluation.prepare(video.frames, tuple(v.frame_size))
+        band = evaluation.band_width(frames.shape[2], v.mask_ratio)
+        telea = evaluation.telea_bands(frames, band)
         return HeldOutClip(os.path.splitext(os.path.basename(path))[0], frames, float(video.fps), band, telea,
-                           evaluate.image_scores(telea, frames, band))
+                           evaluation.image_scores(telea, frames, band))
 
     def _loss_batch(self, path: str, index: int) -> dict[str, np.ndarray]:
         """`clips` clips of one video from the training sampler (seeded per clip), CFG dropout off."""
@@ -142,9 +142,9 @@ class Validator:
         outpainter = Outpainter(unet, self.codec, self.scheduler_config, self.settings)
         scores, results = [], []
         for clip in self.clips:
-            result = evaluate.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
-                                             evaluate.video_key(self.settings.seed, clip.name))
-            scores.append(evaluate.image_scores(result, clip.frames, clip.band))
+            result = evaluation.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
+                                               evaluation.video_key(self.settings.seed, clip.name))
+            scores.append(evaluation.image_scores(result, clip.frames, clip.band))
             results.append(result)
         for prefix, rows in (("val", scores), ("telea", [c.telea_scores for c in self.clips])):
             for metric in ("psnr_generated", "ssim_generated"):
