@@ -274,7 +274,9 @@ def test_no_restorable_checkpoint_stops_with_a_clear_message(tmp_path, compile_c
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert re.search(r"error: no checkpoint of .*checkpoints restores: step 10 \(.*\); step 8 \(.*\); step 6 \(",
                      proc.stderr), proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr
+    # The run stops by that error, not by a crash of the entry point. (Orbax's asyncio thread sometimes prints a
+    # traceback of its own about a closed event loop while the failed reads wind down: not ours to assert on.)
+    assert 'm3ddm_jax/train.py", line' not in proc.stderr, proc.stderr[-4000:]
     assert sorted(os.listdir(ckpts)) == ["10", "6", "8"]  # nothing moved or deleted
 
 
