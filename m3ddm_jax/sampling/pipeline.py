@@ -165,6 +165,7 @@ class Outpainter:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.vae_sharding = NamedSharding(self.mesh, PartitionSpec(WINDOWS))
         self.sampler.put_params(self._replicated)
+        self._unet_static = Static(self.sampler.graphdef)  # hashed once, not per video
         self.vae_graphdef, vae_params = jitting.split(vae)
         self.vae_params = jax.device_put(vae_params, self._replicated)
         self.vae_factor = vae.config.downsample_factor
@@ -217,7 +218,7 @@ class Outpainter:
 
     def latent_tokens(self, latents: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """Global latents (G, hg, wg, 4) -> conditional and unconditional tokens, each (1, L, C)."""
-        return _global_tokens(Static(self.sampler.graphdef), self.sampler.params,
+        return _global_tokens(self._unet_static, self.sampler.params,
                               jax.device_put(latents, self._replicated))
 
     def _latent_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
