@@ -194,7 +194,7 @@ def train_program(cfg, tpu: Slice, round_batch: bool = False) -> Program:
     codec, unet = abstract_models(cfg, notes)
     try:
         mesh = sharding.make_mesh(cfg.mesh.to_dict(), tpu.devices)
-        split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, [tuple(r) for r in cfg.logical_axis_rules]))
+        split = trainer.batch_shards(cfg, mesh)
         if round_batch and cfg.data.batch_size % split:
             batch = split * -(-cfg.data.batch_size // split)
             notes.append(f"the config's global batch {cfg.data.batch_size} does not split over the {split} batch "

@@ -122,12 +122,17 @@ class TrainProgram:
     abstract_batch: dict
 
 
+def batch_shards(cfg, mesh: jax.sharding.Mesh) -> int:
+    """How many shards the config's logical-axis rules split a global batch into on `mesh`."""
+    return math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, [tuple(r) for r in cfg.logical_axis_rules]))
+
+
 def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgram:
     """The config's step on `mesh` at its global batch (data.batch_size) for the given codec and UNet, which
     may be shape-only (nnx.eval_shape): mesh and logical-axis rules, remat and dtype (in the UNet's
     config), optimiser, EMA, donation."""
     rules = [tuple(r) for r in cfg.logical_axis_rules]
-    split = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    split = batch_shards(cfg, mesh)
     if cfg.data.batch_size % split:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} (global) does not split over the {split} "
                          f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split} (e.g. "
