@@ -187,7 +187,9 @@ def infer(cfg) -> dict:
     outcome = jobs.run(
         list(items), lambda name, outpainter, bar: _outpaint_video(cfg, outpainter, items[name]),
         status_path=lambda name: status_path(cfg, name),
-        finished=lambda name: output_path(cfg, items[name]).is_file(),
+        # Done means recorded as done: a run killed between publishing a video and its status did not finish it.
+        finished=lambda name: (output_path(cfg, items[name]).is_file()
+                               and jobs.read_status(status_path(cfg, name)).get("status") == "ok"),
         record=lambda name: {"video": name, "input": str(items[name].path),
                              "output": str(output_path(cfg, items[name]))},
         # An output path that cannot be written fails its video now, not after the outpainting.
