@@ -34,7 +34,7 @@ def command(what: str, topology: str, *, batch: int | None = None, remat: str | 
             mesh: dict | None = None) -> list[str]:
     cmd = ["python", "tools/aot_compile.py", "--config", CONFIG, "--topology", topology, "--what", what]
     if batch is not None:
-        cmd.append(f"--config.data.batch_size={batch}")
+        cmd.append(f"--config.data.global_batch_size={batch}")
     if remat is not None:
         cmd.append(f"--config.remat={remat}")
     for axis, size in (mesh or {}).items():

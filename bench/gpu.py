@@ -508,7 +508,7 @@ def section_train_step(rec: Recorder, args) -> None:
 
     def run(batch_size: int) -> dict:
         cfg = base.copy_and_resolve_references()
-        cfg.data.batch_size = batch_size
+        cfg.data.global_batch_size = batch_size
         mesh = sharding.make_mesh(cfg.mesh.to_dict())
         trainer = build_trainer(cfg, mesh, codec=codec, unet=unet)
         batch = global_batch(bench_train.synthetic_batch(cfg, trainer.codec, "pixels"), mesh)
@@ -565,7 +565,7 @@ def section_train_step(rec: Recorder, args) -> None:
             jax.clear_caches()
     rec["largest_batch_fitting"] = largest
     # Last, as it only traces (CPU): the same figures come from `python bench/train_step.py --config
-    # configs/m3ddm_sd15_256.py --flops_only --config.data.batch_size=1` on any machine.
+    # configs/m3ddm_sd15_256.py --flops_only --config.data.global_batch_size=1` on any machine.
     model, hw = bench_train.step_flops(*flop_args)
     f = rec["flops_per_clip"] = {"model": model, "hardware": hw}
     for b, r in runs.items():

@@ -10,10 +10,10 @@ and dropout sampling) and fed every step, so the figure is the device step, not 
 
     python bench/train_step.py --config configs/test_tiny.py
     python bench/train_step.py --config configs/demo.py
-    python bench/train_step.py --config configs/m3ddm_sd15_256.py --random_init --config.data.batch_size=1 \\
+    python bench/train_step.py --config configs/m3ddm_sd15_256.py --random_init --config.data.global_batch_size=1 \\
         --config.data.worker_count=0                                          # full size, GPU/TPU
     python bench/train_step.py --config configs/m3ddm_sd15_256.py --random_init --inputs latents ...
-    python bench/train_step.py --config configs/m3ddm_sd15_256.py --flops_only --config.data.batch_size=1
+    python bench/train_step.py --config configs/m3ddm_sd15_256.py --flops_only --config.data.global_batch_size=1
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def synthetic_batch(cfg, codec, inputs: str) -> dict:
     clip = cfg.data.clip
     h, w = clip.size
     frames = np.random.default_rng(0).integers(0, 256, (2 * clip.num_frames, h, w, 3), np.uint8)
-    batch = next(iter(make_dataset(data_config(_with_source(cfg)), seed=cfg.seed,
+    batch = next(iter(make_dataset(data_config(_with_source(cfg), cfg.data.global_batch_size), seed=cfg.seed,
                                    source=[ArrayVideo(frames, 30.0)])))
     batch = {k: batch[k] for k in train_step.BATCH_KEYS if k in batch}
     if inputs == "latents":
@@ -126,7 +126,7 @@ def main(argv) -> None:
     dev = jax.devices()[0]
     peak = _PEAK.value or device_peak(dev.device_kind)
     result = {"dtype": cfg.compute_dtype, "remat": cfg.remat, "inputs": _INPUTS.value,
-              "shape": f"B={cfg.data.batch_size} F={cfg.data.clip.num_frames} {tuple(cfg.data.clip.size)} "
+              "shape": f"B={cfg.data.global_batch_size} F={cfg.data.clip.num_frames} {tuple(cfg.data.clip.size)} "
                        f"g={cfg.data.clip.num_global_frames}"}
 
     if _FLOPS_ONLY.value:

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
         "sources": [{"kind": "folder", "path": os.path.join(REPO, "assets", "videos"),
                      "manifest": os.path.join(REPO, "assets", "videos", "train.txt")}],
         "latent_cache": "",  # a folder written by tools/cache_latents.py: train from it instead
-        "batch_size": 4,  # global; split over processes
+        "global_batch_size": 4,  # over all devices and processes; each process loads its part
         "worker_count": 0,
         "clip": {"num_frames": 8, "num_global_frames": 4, "size": (32, 32), "fps_range": (1.0, 30.0),
                  "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3)},

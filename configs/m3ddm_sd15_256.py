@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         "root": "",
         "sources": [],
         "latent_cache": "",
-        "batch_size": 256,  # global
+        "global_batch_size": 256,  # over all devices and processes
         "worker_count": 8,
         "clip": {"num_frames": 16, "num_global_frames": 16, "size": (256, 256), "fps_range": (1.0, 30.0),
                  "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3)},

@@ -16,7 +16,7 @@ def get_config():
     c.model.cross_attention_dim = 16
     c.model.temporal_position_dim = 16
     c.model.norm_num_groups = 4
-    c.data.batch_size = 2
+    c.data.global_batch_size = 2
     c.data.clip.num_frames = 4
     c.data.clip.num_global_frames = 2
     c.data.clip.size = (16, 16)

@@ -194,21 +194,21 @@ def train_program(cfg, tpu: Slice, round_batch: bool = False) -> Program:
     codec, unet = abstract_models(cfg, notes)
     try:
         mesh = sharding.make_mesh(cfg.mesh.to_dict(), tpu.devices)
-        split = trainer.batch_shards(cfg, mesh)
-        if round_batch and cfg.data.batch_size % split:
-            batch = split * -(-cfg.data.batch_size // split)
-            notes.append(f"the config's global batch {cfg.data.batch_size} does not split over the {split} batch "
-                         f"shards of this slice: compiled at {batch}; --config.data.batch_size chooses")
+        shards, size = trainer.batch_shards(cfg, mesh), cfg.data.global_batch_size
+        if round_batch and size % shards:
+            batch = shards * -(-size // shards)
+            notes.append(f"the config's global batch {size} does not split over the {shards} batch shards of this "
+                         f"slice: compiled at {batch}; --config.data.global_batch_size chooses")
             cfg = cfg.copy_and_resolve_references()
             with cfg.unlocked():
-                cfg.data.batch_size = batch
+                cfg.data.global_batch_size = batch
         program = trainer.build_train_program(cfg, mesh, codec, unet)
     except ValueError as err:
         raise AotError(str(err)) from None
 
     unet_config, state = unet.config, program.abstract_state
-    details = {"mesh": dict(mesh.shape), "global_batch": cfg.data.batch_size,
-               "per_chip_batch": cfg.data.batch_size / tpu.chips, "remat": unet_config.remat,
+    details = {"mesh": dict(mesh.shape), "global_batch": cfg.data.global_batch_size,
+               "per_chip_batch": cfg.data.global_batch_size / tpu.chips, "remat": unet_config.remat,
                "dtype": unet_config.dtype, "attention": unet_config.attention_impl,
                "params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
                # What the arguments hold, per device: the memory model's terms (README).
@@ -310,7 +310,7 @@ def _advice(what: str, arguments: bool = False) -> str:
     if what == "train":
         remat = "" if arguments else "a remat policy that keeps less (--config.remat=dots or full), "
         return (f"try {remat}a larger fsdp axis (--config.mesh.fsdp) or a smaller per-chip batch "
-                f"(--config.data.batch_size)")
+                f"(--config.data.global_batch_size)")
     return "try fewer windows per call (--config.sampler.windows_per_call) or fewer guidance branches"
 
 
@@ -389,9 +389,11 @@ def save_executable(compiled, path: str) -> None:
     from jax.experimental import serialize_executable
 
     payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
+    device_ids = sorted({d.id for s in shardings for d in s.device_set})
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump({"format": "m3ddm_jax.aot", "jax": jax.__version__, "executable": payload,
-                     "in_tree": in_tree, "out_tree": out_tree}, f)
+                     "in_tree": in_tree, "out_tree": out_tree, "device_ids": device_ids}, f)
 
 
 def load_executable(path: str, backend=None) -> Callable:
@@ -405,5 +407,13 @@ def load_executable(path: str, backend=None) -> Callable:
         raise ValueError(f"{path} is not an executable saved by tools/aot_compile.py")
     if saved["jax"] != jax.__version__:
         raise ValueError(f"{path} was compiled with jax {saved['jax']}, this is jax {jax.__version__}")
+    # On the devices it was compiled for (ids), not all of the backend's: a program of one device, or of part of
+    # a host's devices, runs on those.
+    client = jax.devices(backend)[0].client if backend is None or isinstance(backend, str) else backend
+    present = {d.id: d for d in client.devices()}
+    ids = saved.get("device_ids", sorted(present))  # files saved before 2026-12-05: all devices
+    if any(i not in present for i in ids):
+        raise ValueError(f"{path} was compiled for devices {ids}; this process has {sorted(present)}: load it "
+                         f"on the slice it was compiled for")
     return serialize_executable.deserialize_and_load(saved["executable"], saved["in_tree"], saved["out_tree"],
-                                                     backend=backend)
+                                                     backend=client, execution_devices=[present[i] for i in ids])

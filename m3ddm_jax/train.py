@@ -43,7 +43,7 @@ from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
 from m3ddm_jax.training import checkpoint, export, objective, samples, validation
 from m3ddm_jax.training.metrics_log import MetricsLog
-from m3ddm_jax.training.trainer import build_trainer, data_config
+from m3ddm_jax.training.trainer import build_trainer, data_config, data_sources, per_host_batch_size
 
 log = logging.getLogger("m3ddm_jax.train")
 
@@ -53,8 +53,8 @@ log = logging.getLogger("m3ddm_jax.train")
 REQUIRED_KEYS = (
     "seed", "workdir", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compute_dtype", "remat",
     "attention", "nonfinite", "max_consecutive_skips", "compilation_cache", "latent.kind", "latent.factor",
-    "latent.weights", "init.weights",
-    "init.temporal_identity", "model", "scheduler", "loss.weighting", "loss.snr_gamma", "data.batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
+    "latent.weights", "init.weights", "init.temporal_identity", "model", "scheduler", "loss.weighting",
+    "loss.snr_gamma", "data.global_batch_size", "data.clip", "optim.lr", "optim.warmup_steps", "optim.decay",
     "optim.end_lr_factor", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "optim.ema_decay", "optim.total_steps", "sample.every", "sample.videos", "sample.max_frames", "sample.ratio",
     "sample.grid_columns", "validation.videos", "validation.every", "validation.clips", "validation.timesteps",
@@ -97,7 +97,7 @@ def check_config(cfg) -> SamplerSettings:
         make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
                     multiple=sample_canvas_multiple(cfg))
     validation.check(cfg, settings, sample_canvas_multiple(cfg))
-    data_config(cfg)  # data sources and batch split
+    data_sources(cfg)  # the batch split needs the mesh: train() checks it next
     return settings
 
 
@@ -173,9 +173,11 @@ def nonfinite_error(what: str, step: int, detail: str, last_checkpoint: int | No
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     settings = check_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    data = data_config(cfg, per_host_batch_size(cfg, mesh))  # a batch that does not split fails before any load
     os.makedirs(workdir, exist_ok=True)
-    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict()))
-    data_iter = iter(make_dataset(data_config(cfg), seed=cfg.seed, shard_index=jax.process_index(),
+    trainer = build_trainer(cfg, mesh)
+    data_iter = iter(make_dataset(data, seed=cfg.seed, shard_index=jax.process_index(),
                                   shard_count=jax.process_count()))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, export.CHECKPOINTS), save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)

@@ -9,8 +9,14 @@ import pathlib
 from fractions import Fraction
 
 import av
+import jax
 import numpy as np
 import pytest
+
+# Simulated CPU devices for the multi-device tests (jax.devices()[:n]), set once for the session: the count is
+# fixed when JAX's backend starts. Code that defaults to all devices sees them too; subprocesses see one.
+SIMULATED_DEVICES = 4
+jax.config.update("jax_num_cpu_devices", SIMULATED_DEVICES)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("M3DDM_SHARED_DIR") or REPO.parent / "shared")

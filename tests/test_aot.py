@@ -23,6 +23,7 @@ from m3ddm_jax.configlib import load_config  # noqa: E402
 from m3ddm_jax.data import ArrayVideo, ClipConfig, DataConfig, write_latent_cache  # noqa: E402
 from m3ddm_jax.data.pipeline import batch_spec, make_dataset  # noqa: E402
 from m3ddm_jax.sampling.window import windows_per_call  # noqa: E402
+from m3ddm_jax.training import trainer  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 
@@ -59,9 +60,9 @@ def test_batch_spec_is_what_the_pipeline_makes(tmp_path):
     """The abstract batch the train step is compiled for equals a real batch, from videos and from a cache."""
     clip = ClipConfig(num_frames=4, num_global_frames=2, size=(16, 24))
     frames = np.random.default_rng(0).integers(0, 256, (12, 20, 30, 3), np.uint8)
-    video = DataConfig(clip=clip, batch_size=3)
+    video = DataConfig(clip=clip, per_host_batch_size=3)
     batch = next(iter(make_dataset(video, seed=0, source=[ArrayVideo(frames, 30.0)])))
-    assert batch_spec(video) == {k: (v.shape, v.dtype) for k, v in batch.items()}
+    assert batch_spec(video, 3) == {k: (v.shape, v.dtype) for k, v in batch.items()}
 
     def encode(images):  # a codec of factor 4 with 5 channels
         n, h, w, _ = images.shape
@@ -69,9 +70,10 @@ def test_batch_spec_is_what_the_pipeline_makes(tmp_path):
         return mean, np.abs(mean) + 0.1
 
     write_latent_cache(tmp_path / "cache", [ArrayVideo(frames, 30.0)], encode, clip=clip, seed=0)
-    cached = DataConfig(clip=clip, batch_size=2, latent_cache=str(tmp_path / "cache"))
+    cached = DataConfig(clip=clip, per_host_batch_size=2, latent_cache=str(tmp_path / "cache"))
     batch = next(iter(make_dataset(cached, seed=0)))
-    assert batch_spec(cached, latent_channels=5, latent_factor=4) == {k: (v.shape, v.dtype) for k, v in batch.items()}
+    want = {k: (v.shape, v.dtype) for k, v in batch.items()}
+    assert batch_spec(cached, 2, latent_channels=5, latent_factor=4) == want
 
 
 def test_cli_train_step_on_v5e(tmp_path):
@@ -94,7 +96,7 @@ def test_cli_train_step_on_v5e(tmp_path):
     with open(tmp_path / "step.aot", "rb") as f:
         saved = pickle.load(f)
     cfg = load_config(TINY)
-    cfg.update_from_flattened_dict({"data.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4,
+    cfg.update_from_flattened_dict({"data.global_batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4,
                                     "model.block_out_channels": (16,), "model.down_block_types": ("DownBlockP3D",),
                                     "model.up_block_types": ("UpBlockP3D",)})
     program = aot.train_program(cfg, aot.tpu_slice("v5e:2x4"))
@@ -135,7 +137,7 @@ def test_sampler_call_on_v5e():
 @pytest.mark.slow
 def test_train_step_on_v5p():
     cfg = load_config(TINY)
-    cfg.update_from_flattened_dict({"data.batch_size": 16, "mesh.data": 4, "mesh.fsdp": 2})
+    cfg.update_from_flattened_dict({"data.global_batch_size": 16, "mesh.data": 4, "mesh.fsdp": 2})
     tpu = aot.tpu_slice("v5p:2x2x2")
     report = aot.compile_program(aot.train_program(cfg, tpu), tpu)[1]
     check_report(report)
@@ -147,7 +149,7 @@ def test_oversized_batch_does_not_fit(tmp_path):
     inputs alone exceed HBM. One message with the numbers and what to try, fits false, exit 3. (A plan the
     compiler refuses takes the same way: test_usable_hbm_is_what_the_compiler_allows.)"""
     out = subprocess.run([sys.executable, TOOL, "--config", str(REPO / "configs" / "m3ddm_sd15_256.py"),
-                          "--topology", "v5e:2x4", "--config.data.batch_size=32768", "--json",
+                          "--topology", "v5e:2x4", "--config.data.global_batch_size=32768", "--json",
                           str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 3, out.stderr
     assert "Traceback" not in out.stderr
@@ -164,9 +166,27 @@ def test_bad_topology_or_config_is_named():
         aot.tpu_slice("v9x:2x2")
     with pytest.raises(aot.AotError, match="libtpu cannot describe topology 'v5e:3x3'"):
         aot.tpu_slice("v5e:3x3")
-    out = run_tool("--topology", "v5e:2x4", "--config.data.batch_size=2")  # a chosen batch is not changed
+    out = run_tool("--topology", "v5e:2x4", "--config.data.global_batch_size=2")  # a chosen batch is not changed
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "does not split over the 8 batch shards" in out.stderr and "--config.data.batch_size=8" in out.stderr
+    assert "does not split over the 8 batch shards" in out.stderr and "--config.data.global_batch_size=8" in out.stderr
+
+
+def test_global_batch_splits_over_batch_shards_and_processes():
+    """A v5e:2x4 slice has 8 chips on 2 processes: each process loads half of the global batch; a global batch
+    that does not split over the batch shards, or a mesh that puts the batch on fewer shards than processes,
+    is refused with what to change."""
+    devices = aot.tpu_slice("v5e:2x4").devices
+    cfg = load_config(TINY)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": -1}, devices)
+    for size, per_host in ((8, 4), (24, 12)):
+        cfg.data.global_batch_size = size
+        assert trainer.per_host_batch_size(cfg, mesh) == per_host
+    cfg.data.global_batch_size = 12
+    with pytest.raises(ValueError, match=r"global_batch_size=12 does not split over the 8 batch shards .* "
+                                         r"--config.data.global_batch_size=16\)"):
+        trainer.per_host_batch_size(cfg, mesh)
+    with pytest.raises(ValueError, match="split 1 ways .* each of its 2 processes"):
+        trainer.per_host_batch_size(cfg, sharding.make_mesh({"tensor": -1}, devices))
 
 
 def test_usable_hbm_is_what_the_compiler_allows():
@@ -202,6 +222,13 @@ def test_saved_executable_loads_and_runs(tmp_path):
     out = aot.load_executable(str(tmp_path / "fn.aot"))(x, 2 * x)
     np.testing.assert_array_equal(out["sum"], 3 * x)
     np.testing.assert_array_equal(out["prod"], 2 * x * x)
+    # One compiled for 2 of the session's simulated devices loads on those two.
+    mesh = sharding.make_mesh({"data": 2}, jax.devices()[:2])
+    split = jax.device_put(x, sharding.batch_sharding(mesh, 2))
+    aot.save_executable(fn.lower(split, split).compile(), str(tmp_path / "fn2.aot"))
+    out = aot.load_executable(str(tmp_path / "fn2.aot"))(split, 2 * split)
+    np.testing.assert_array_equal(out["sum"], 3 * x)
+    assert out["sum"].sharding.device_set == set(jax.devices()[:2])
 
 
 def test_no_libtpu_noise_without_a_tpu():

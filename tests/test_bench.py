@@ -29,7 +29,7 @@ def loss_forward_flops(name: str) -> int:
     c = codec.config.latent_channels
     unet = pretrained.abstract_model(UNet3DConfig(**{**cfg.model.to_dict(), "in_channels": 2 * c + 1,
                                                      "out_channels": c, "dtype": cfg.compute_dtype}))
-    b, clip = cfg.data.batch_size, cfg.data.clip
+    b, clip = cfg.data.global_batch_size, cfg.data.clip
     frames = lambda n: jax.ShapeDtypeStruct((b, n, *clip.size, 3), jnp.uint8)
     flags = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bool_)
     batch = {"frames": frames(clip.num_frames), "global_frames": frames(clip.num_global_frames),

@@ -20,7 +20,7 @@ from m3ddm_jax.models.pixel_space import PixelSpace
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.training import export
-from m3ddm_jax.training.trainer import data_config
+from m3ddm_jax.training.trainer import data_sources
 from m3ddm_jax.video import read_video, write_video
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -79,7 +79,7 @@ def test_training_configs_are_consistent():
 def test_no_data_is_a_clear_error():
     cfg = load(REPO / "configs" / "m3ddm_sd15_256.py")
     with pytest.raises(ValueError, match="--config.data.root=DIR"):
-        data_config(cfg)
+        data_sources(cfg)
 
 
 def without(cfg, key: str):
@@ -211,7 +211,7 @@ def test_paper_config_trains_and_its_export_outpaints(tmp_path, tiny_weights, co
     workdir = tmp_path / "paper"
     train_cli("m3ddm_sd15_256", workdir, compile_cache, f"--config.init.weights={init}",
               f"--config.latent.weights={init}", f"--config.data.root={REPO / 'assets' / 'videos'}",
-              "--config.data.batch_size=1", "--config.data.worker_count=0", "--config.data.clip.size=(64, 64)",
+              "--config.data.global_batch_size=1", "--config.data.worker_count=0", "--config.data.clip.size=(64, 64)",
               "--config.data.clip.num_frames=4", "--config.data.clip.num_global_frames=2")
 
     model = tmp_path / "model"

@@ -106,7 +106,7 @@ def test_folder_source_lists_videos_and_manifest(video_dir):
 
 
 def test_folder_pipeline_skips_and_counts_bad_videos(video_dir):
-    config = DataConfig(sources=({"kind": "folder", "path": str(video_dir)},), clip=TINY, batch_size=4,
+    config = DataConfig(sources=({"kind": "folder", "path": str(video_dir)},), clip=TINY, per_host_batch_size=4,
                         shuffle=False, num_epochs=1)
     batches = list(make_dataset(config, seed=3))
     assert len(batches) == 1
@@ -143,7 +143,7 @@ def test_tfds_builder_round_trip_without_tensorflow(video_dir, tmp_path):
     source = TfdsVideoSource(name, data_dir=tmp_path / "tfds")
     assert len(source) == 2 and source[0].num_frames == 20
     config = DataConfig(sources=({"kind": "tfds", "name": name, "data_dir": str(tmp_path / "tfds")},),
-                        clip=ClipConfig(size=(16, 16), num_frames=4, num_global_frames=4), batch_size=2)
+                        clip=ClipConfig(size=(16, 16), num_frames=4, num_global_frames=4), per_host_batch_size=2)
     batch = next(iter(make_dataset(config, seed=0)))
     assert batch["frames"].shape == (2, 4, 16, 16, 3)
     assert "tensorflow" not in sys.modules
@@ -323,11 +323,11 @@ def test_model_range_and_latent_mask_serve_numpy_and_jit():
 def test_config_validation_and_configdict():
     from ml_collections import ConfigDict
 
-    config = DataConfig.create(ConfigDict({"sources": [{"kind": "folder", "path": "/videos"}], "batch_size": 4,
+    config = DataConfig.create(ConfigDict({"sources": [{"kind": "folder", "path": "/videos"}], "per_host_batch_size": 4,
                                            "clip": {"size": [64, 128], "fps_range": [2, 8]},
                                            "masks": {"drop_local_prob": 0.2}}))
     assert config.clip == ClipConfig(size=(64, 128), fps_range=(2.0, 8.0)) and config.masks.drop_local_prob == 0.2
-    assert config.sources == ({"kind": "folder", "path": "/videos"},) and config.batch_size == 4
+    assert config.sources == ({"kind": "folder", "path": "/videos"},) and config.per_host_batch_size == 4
     with pytest.raises(ValueError, match="unknown data config fields"):
         DataConfig.create({"batchsize": 4})
     with pytest.raises(ValueError, match="sum to 1"):
@@ -345,7 +345,7 @@ def _memory_source(count=8, num_frames=24):
     return [_ramp_video(num_frames + i, fps=24.0 + i) for i in range(count)]
 
 
-SMALL = DataConfig(clip=ClipConfig(size=(16, 16), num_frames=4, num_global_frames=4), batch_size=2)
+SMALL = DataConfig(clip=ClipConfig(size=(16, 16), num_frames=4, num_global_frames=4), per_host_batch_size=2)
 
 
 def test_shards_cover_the_data_without_overlap():
@@ -438,7 +438,7 @@ def test_latent_cache_round_trip(tmp_path):
     np.testing.assert_allclose(record["latent_mean"], mean[:4], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(record["global_latent_std"], std[4:], rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(record["frame_indices"], expected["frame_indices"])
-    config = DataConfig(latent_cache=str(tmp_path / "cache"), clip=clip, batch_size=3)
+    config = DataConfig(latent_cache=str(tmp_path / "cache"), clip=clip, per_host_batch_size=3)
     batch = next(iter(make_dataset(config, seed=0)))
     assert batch["latent_mean"].shape == (3, 4, 2, 3, 4) and batch["global_latent_std"].shape == (3, 4, 2, 3, 4)
     assert batch["latent_mask"].shape == (3, 2, 3) and batch["mask"].shape == (3, 16, 24)

@@ -34,7 +34,7 @@ def test_bare_graphdef_is_refused():
 
 def test_bound_calls_and_lowers_with_shardings_and_donation():
     """Bound: called and lowered on the arrays only; in_shardings, donation and static_argnums are jax.jit's."""
-    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     @jitting.model_jit(static_argnums=3, in_shardings=(replicated, replicated), donate_argnums=1)

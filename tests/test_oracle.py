@@ -87,7 +87,7 @@ def outpaint_oracle(frames, schedule_config, settings, *, bias=0.0, strides=None
     k = len(guidance_branches(settings.guidance_scale, settings.global_guidance_scale, settings.exact_branches))
     clean = CODEC.encode_to_latents(jnp.asarray(to_model_range(frames)))
     outpainter = Outpainter(oracle_cls(schedule, clean, branches=k, bias=bias), CODEC, schedule_config,
-                            settings)
+                            settings, devices=jax.devices()[:1])
     h, w = HW
     out = outpainter.outpaint(frames[:, :, BAND:w - BAND], 25.0, w / h, key=0, strides=strides).frames
     return out, evaluation.image_scores(out, frames, BAND)["psnr_generated"]

@@ -54,7 +54,7 @@ def test_tiny_model_overfits_one_clip_and_beats_the_telea_init():
     gt = one_clip()
     cfg = config()
     trainer = build_trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    batches = iter(make_dataset(data_config(cfg), seed=0, source=[ArrayVideo(gt, FPS)]))
+    batches = iter(make_dataset(data_config(cfg, cfg.data.global_batch_size), seed=0, source=[ArrayVideo(gt, FPS)]))
     losses = []
     for _ in range(STEPS):
         batch = next(batches)
@@ -66,7 +66,8 @@ def test_tiny_model_overfits_one_clip_and_beats_the_telea_init():
     source = gt[:, :, 4:12]
     settings = SamplerSettings(steps=25, guidance_scale=1.0, global_guidance_scale=1.0, canvas_mode="native",
                                canvas_size=16, global_size=(16, 16))
-    outpainter = Outpainter(trainer.ema_unet(), trainer.codec, cfg.scheduler.to_dict(), settings)
+    outpainter = Outpainter(trainer.ema_unet(), trainer.codec, cfg.scheduler.to_dict(), settings,
+                            devices=jax.devices()[:1])
     result = outpainter.outpaint(source, FPS, 1.0)
     assert result.frames.shape == gt.shape
     canvas = make_canvas(source, result.layout)

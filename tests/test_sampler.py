@@ -63,7 +63,7 @@ def test_single_window_matches_official(reference_models, reference_dir, case, e
     """Replaying the three recorded draws reproduces the official latents and images (float32)."""
     d = np.load(reference_dir / RUNS[case]["file"])
     unet, vae, scheduler_config = reference_models
-    outpainter = Outpainter(unet, vae, scheduler_config, outpainter_settings(d, exact))
+    outpainter = Outpainter(unet, vae, scheduler_config, outpainter_settings(d, exact), devices=jax.devices()[:1])
     draws = Draws.replay(nhwc(d["rand_vae_posterior_eps_local"]), frames_last(d["rand_initial_noise"][0]),
                          nhwc(d["rand_vae_posterior_eps_global"]))
     latents, images = outpainter.outpaint_window(

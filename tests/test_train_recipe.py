@@ -80,13 +80,14 @@ def test_validation_loss_uses_fixed_draws():
     """Two calls on the same model give the same loss (fixed clips, masks, noise, timesteps); another model
     gives another loss."""
     cfg = tiny_cfg()
-    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict()))
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
     validator = validation.Validator(cfg, trainer.codec, train.check_config(cfg))
     unet = trainer.ema_unet()
     first = validator.loss(unet)
     assert np.isfinite(first) and validator.loss(unet) == first
     assert validation.Validator(cfg, trainer.codec, train.check_config(cfg)).loss(unet) == first
-    other = build_trainer(tiny_cfg("--config.seed=1"), sharding.make_mesh(cfg.mesh.to_dict())).ema_unet()
+    other = build_trainer(tiny_cfg("--config.seed=1"), sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
+    other = other.ema_unet()
     assert validator.loss(other) != first
 
 

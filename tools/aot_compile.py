@@ -1,7 +1,7 @@
 """Will it fit, and how fast can it be? Compile a config's train step or sampler call for a TPU slice, on any
 machine (libtpu's compiler, no TPU needed), and report per-chip memory, FLOPs and a roofline bound.
 
-    python tools/aot_compile.py --config configs/m3ddm_sd15_256.py --topology v5e:2x4 --config.data.batch_size=8
+    python tools/aot_compile.py --config configs/m3ddm_sd15_256.py --topology v5e:2x4 --config.data.global_batch_size=8
     python tools/aot_compile.py --config configs/test_tiny.py --topology v5e:2x4 --json r.json
     python tools/aot_compile.py --config configs/m3ddm_sd15_256.py --topology v5e:2x2 --num_slices 2 \\
         --config.mesh.data=2 --save step.aot       # a job on that slice loads it: m3ddm_jax.aot.load_executable
@@ -9,7 +9,7 @@ machine (libtpu's compiler, no TPU needed), and report per-chip memory, FLOPs an
 
 Shapes only: weights are never read (a weights folder gives its config.json; a missing folder stands for
 the released architecture). A config's own global batch that does not split over the slice's batch shards
-is raised to the next multiple that does (the report notes it); one given with --config.data.batch_size is
+is raised to the next multiple that does (the report notes it); one given with --config.data.global_batch_size is
 compiled as given. Exit status: 0 fits, 3 does not fit (with what to try), 1 a bad topology or
 config. Needs the `tpu` extra (pip install -e ".[tpu]").
 """
@@ -91,7 +91,7 @@ def main(argv) -> None:
     try:
         tpu = aot.tpu_slice(_TOPOLOGY.value, _NUM_SLICES.value)
         if _WHAT.value == "train":  # a batch the user chose is compiled as chosen, or refused
-            explicit = "data.batch_size" in config_flags.get_override_values(flags.FLAGS["config"])
+            explicit = "data.global_batch_size" in config_flags.get_override_values(flags.FLAGS["config"])
             program = aot.train_program(_CONFIG.value, tpu, round_batch=not explicit)
         else:
             program = aot.sample_program(_CONFIG.value, tpu)

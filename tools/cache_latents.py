@@ -31,7 +31,7 @@ _CLIPS = flags.DEFINE_integer("clips_per_video", 1, "clips drawn (and encoded) p
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
-    data = trainer.data_config(cfg)
+    data = trainer.data_config(cfg, per_host_batch_size=1)  # the cache is written clip by clip
     codec = trainer.build_codec(cfg)
     encode = jax.jit(lambda x: codec.encode(x))
     meta = write_latent_cache(_DST.value, open_source(data), lambda x: tuple(map(np.asarray, encode(x))),

@@ -3,7 +3,7 @@ sampling, masks and CFG flags -> batches, optionally in worker processes, with a
 
     ds = make_dataset(config, seed=0, shard_index=jax.process_index(), shard_count=jax.process_count())
     it = iter(ds)
-    batch = next(it)            # dict of numpy arrays, leading axis config.batch_size (per host)
+    batch = next(it)            # dict of numpy arrays, leading axis config.per_host_batch_size
     state = it.get_state()      # save with the model checkpoint; it.set_state(state) resumes exactly
 
 Every example is a pure function of (seed, shard, position), and the batch sequence is the same for any
@@ -14,7 +14,7 @@ A video that cannot make a clip (unreadable, damaged, too short) is replaced by 
 drawn from the same example's generator; `skipped` counts these replacements per example, so the trainer
 can log `batch["skipped"].sum()`. Every batch is full, so hosts stay in step.
 
-Batch keys from videos, B = batch_size, F = clip.num_frames, G = clip.num_global_frames, (H, W) = clip.size:
+Batch keys from videos, B = per_host_batch_size, F = clip.num_frames, G = clip.num_global_frames, (H, W) = clip.size:
 
     frames (B, F, H, W, 3) uint8, global_frames (B, G, H, W, 3) uint8, fps (B,) float32,
     frame_indices (B, F) int32, global_indices (B, G) int32 (video frame numbers),
@@ -67,7 +67,7 @@ class DataConfig:
     latent_cache: str | None = None  # a folder written by write_latent_cache: train from it instead
     clip: ClipConfig = field(default_factory=ClipConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
-    batch_size: int = 8  # per host
+    per_host_batch_size: int = 8  # this process's part of the global batch (training.trainer splits it)
     shuffle: bool = True
     num_epochs: int | None = None  # None repeats forever (each epoch reshuffled and re-cropped)
     worker_count: int = 0  # grain worker processes; 0 decodes in threads of the training process
@@ -158,13 +158,14 @@ def _masks(config: MaskConfig, rng, example, size) -> dict[str, np.ndarray]:
                         in_clip=global_in_clip(example["global_indices"], example["frame_indices"]))
 
 
-def batch_spec(config: DataConfig | Mapping[str, Any], *, latent_channels: int = 4,
+def batch_spec(config: DataConfig | Mapping[str, Any], batch_size: int, *, latent_channels: int = 4,
                latent_factor: int = LATENT_FACTOR) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of every key of a batch of `config.batch_size` examples: the batch contract above, in
+    """(shape, dtype) of every key of a batch of `batch_size` examples of `config`'s clips (a process's batch, or
+    the global one the train step sees): the batch contract above, in
     code (what ahead-of-time compilation feeds the train step). A latent cache's latents are
     (H / latent_factor, W / latent_factor, latent_channels), as the codec that wrote it makes them."""
     config = DataConfig.create(config)
-    b, clip = config.batch_size, config.clip
+    b, clip = batch_size, config.clip
     f, g, (h, w) = clip.num_frames, clip.num_global_frames, clip.size
     spec = {"fps": ((b,), np.float32), "frame_indices": ((b, f), np.int32), "global_indices": ((b, g), np.int32),
             "mask": ((b, h, w), np.uint8), "latent_mask": ((b, h // LATENT_FACTOR, w // LATENT_FACTOR), np.uint8),
@@ -206,7 +207,7 @@ def make_dataset(config: DataConfig | Mapping[str, Any], *, seed: int, shard_ind
     ds = ds.repeat(config.num_epochs).random_map(make_example, seed=example_seed)
     # Batched before the workers split the stream, so each worker makes whole batches and the sequence of
     # batches does not depend on the worker count.
-    ds = ds.batch(config.batch_size, drop_remainder=True)
+    ds = ds.batch(config.per_host_batch_size, drop_remainder=True)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     if config.worker_count > 0:

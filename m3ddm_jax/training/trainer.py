@@ -66,30 +66,32 @@ def build_unet(cfg, latent_channels: int):
     return inflate.identity_start(unet) if cfg.init.temporal_identity else unet
 
 
-def data_config(cfg) -> DataConfig:
-    values = cfg.data.to_dict()
-    root = values.pop("root", None)
-    values["latent_cache"] = values.get("latent_cache") or None
-    if values["latent_cache"]:
-        values["sources"] = []
-    elif root:
-        values["sources"] = [{"kind": "folder", "path": root}]
-    if not values.get("sources") and not values.get("latent_cache"):
-        raise ValueError("no training data: set --config.data.root=DIR (a folder of videos), data.sources or "
-                         "data.latent_cache")
-    if values["batch_size"] % jax.process_count():
-        raise ValueError(f"data.batch_size={values['batch_size']} (global) does not split over "
-                         f"{jax.process_count()} processes")
-    values["batch_size"] //= jax.process_count()
-    return DataConfig.create(values)
+def data_sources(cfg) -> dict:
+    """The config's training data as DataConfig fields (sources, latent_cache); none is an error."""
+    data = cfg.data.to_dict()
+    cache, root, sources = data.get("latent_cache") or None, data.get("root"), data.get("sources")
+    if cache:
+        return {"sources": [], "latent_cache": cache}
+    if root:
+        return {"sources": [{"kind": "folder", "path": root}], "latent_cache": None}
+    if sources:
+        return {"sources": list(sources), "latent_cache": None}
+    raise ValueError("no training data: set --config.data.root=DIR (a folder of videos), data.sources or "
+                     "data.latent_cache")
+
+
+def data_config(cfg, per_host_batch_size: int) -> DataConfig:
+    """The pipeline's config of one process, which loads `per_host_batch_size` examples a step (see
+    per_host_batch_size)."""
+    values = {k: v for k, v in cfg.data.to_dict().items() if k not in ("root", "global_batch_size")}
+    return DataConfig.create({**values, **data_sources(cfg), "per_host_batch_size": per_host_batch_size})
 
 
 def step_batch_spec(cfg, codec_config) -> dict[str, tuple[tuple[int, ...], object]]:
     """(shape, dtype) of each array the step reads from a global batch of the config (the pipeline's batch
     contract, restricted to train_step.BATCH_KEYS)."""
-    data = DataConfig(clip=ClipConfig(**cfg.data.clip.to_dict()), batch_size=cfg.data.batch_size,
-                      latent_cache=cfg.data.latent_cache or None)
-    spec = batch_spec(data, latent_channels=codec_config.latent_channels,
+    data = DataConfig(clip=ClipConfig(**cfg.data.clip.to_dict()), latent_cache=cfg.data.latent_cache or None)
+    spec = batch_spec(data, cfg.data.global_batch_size, latent_channels=codec_config.latent_channels,
                       latent_factor=codec_config.downsample_factor)
     return {k: v for k, v in spec.items() if k in train_step.BATCH_KEYS}
 
@@ -122,21 +124,38 @@ class TrainProgram:
     abstract_batch: dict
 
 
+def mesh_processes(mesh: jax.sharding.Mesh) -> int:
+    return len({d.process_index for d in mesh.devices.flat})
+
+
 def batch_shards(cfg, mesh: jax.sharding.Mesh) -> int:
-    """How many shards the config's logical-axis rules split a global batch into on `mesh`."""
-    return math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, [tuple(r) for r in cfg.logical_axis_rules]))
+    """How many shards the config's logical-axis rules split a global batch into on `mesh`: a multiple of the
+    mesh's processes, since each process loads examples of its own (data.pipeline shards the sources)."""
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, [tuple(r) for r in cfg.logical_axis_rules]))
+    if shards % mesh_processes(mesh):
+        raise ValueError(f"the batch is split {shards} ways on mesh {dict(mesh.shape)} (logical_axis_rules' "
+                         f"'batch' axes), which does not give each of its {mesh_processes(mesh)} processes a part "
+                         f"of its own; put the batch on mesh axes that span the processes (mesh.data, mesh.fsdp)")
+    return shards
+
+
+def per_host_batch_size(cfg, mesh: jax.sharding.Mesh) -> int:
+    """The one check of data.global_batch_size: it splits into equal parts over the batch shards of `mesh`.
+    Returns a process's part."""
+    size, shards = cfg.data.global_batch_size, batch_shards(cfg, mesh)
+    if size % shards:
+        raise ValueError(f"data.global_batch_size={size} does not split over the {shards} batch shards of mesh "
+                         f"{dict(mesh.shape)}; use a multiple of {shards} (e.g. "
+                         f"--config.data.global_batch_size={shards * -(-size // shards)})")
+    return size // mesh_processes(mesh)
 
 
 def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgram:
-    """The config's step on `mesh` at its global batch (data.batch_size) for the given codec and UNet, which
+    """The config's step on `mesh` at its global batch (data.global_batch_size) for the given codec and UNet, which
     may be shape-only (nnx.eval_shape): mesh and logical-axis rules, remat and dtype (in the UNet's
     config), optimiser, EMA, donation."""
     rules = [tuple(r) for r in cfg.logical_axis_rules]
-    split = batch_shards(cfg, mesh)
-    if cfg.data.batch_size % split:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} (global) does not split over the {split} "
-                         f"batch shards of mesh {dict(mesh.shape)}; use a multiple of {split} (e.g. "
-                         f"--config.data.batch_size={split * -(-cfg.data.batch_size // split)})")
+    per_host_batch_size(cfg, mesh)
     tx, lr_schedule = train_step.make_optimizer(cfg.optim)
     schedule = NoiseSchedule.from_config(cfg.scheduler.to_dict())
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
