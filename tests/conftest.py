@@ -13,6 +13,11 @@ import jax
 import numpy as np
 import pytest
 
+# Tests and their subprocesses compile with LLVM at -O0: on CPU that halves the compile time of a UNet, which
+# dominates most tests. Runs that a test compares with each other are compiled alike. Set before JAX starts.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 # Simulated CPU devices for the multi-device tests (jax.devices()[:n]), set once for the session: the count is
 # fixed when JAX's backend starts. Code that defaults to all devices sees them too; subprocesses see one.
 SIMULATED_DEVICES = 4
@@ -54,16 +59,9 @@ def load_json(name: str):
     return json.loads((path / name).read_text())
 
 
-# Test subprocesses compile with LLVM at -O0: on CPU that halves the compile time of a UNet train step, which
-# dominates their runs. Runs that a test compares with each other are compiled alike.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def subprocess_env(devices: int = 1, **extra) -> dict:
-    """The environment of a JAX subprocess: the CPU backend with `devices` simulated devices, fast compiles."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONUNBUFFERED": "1", **extra}
+def subprocess_env(**extra) -> dict:
+    """The environment of a JAX subprocess: the CPU backend with one device, fast compiles."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture(scope="session")

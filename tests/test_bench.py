@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, subprocess_env
 
 CONFIG = "test_tiny"
 
@@ -47,7 +47,7 @@ def test_train_step_bench_counts_model_flops_without_recomputation(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(REPO / "bench" / "train_step.py"), f"--config={REPO / 'configs' / f'{CONFIG}.py'}",
            "--config.remat=full", "--iters=2", "--peak_tflops=1.0", f"--json={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["remat"] == "full" and r["inputs"] == "pixels" and r["shape"].startswith("B=2 F=4 ")
