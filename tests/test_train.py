@@ -218,6 +218,34 @@ def test_nonfinite_step_is_skipped_and_counted(compile_cache):
     assert int(trainer.state.step) == 2
 
 
+def test_ema_follows_diffusers_ema_model(compile_cache):
+    """The EMA of the train step is diffusers' EMAModel (default schedule): the first update copies the
+    trained parameters, later ones decay by min(ema_decay, (1 + n) / (10 + n)); ema_decay 0.2 caps the third."""
+    import jax
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from m3ddm_jax import sharding
+    from m3ddm_jax.configlib import load_config
+    from m3ddm_jax.training.trainer import build_trainer
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    cfg = load_config(CONFIG)
+    cfg.optim.ema_decay, cfg.optim.warmup_steps = 0.2, 0  # no warmup: the parameters move from the first step
+    trainer = build_trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    names = sorted(flat(jax.device_get(trainer.state.params)))
+    # requires_grad: EMAModel copies, rather than averages, parameters that take no gradient
+    as_torch = lambda state: [torch.tensor(flat(state)[n], dtype=torch.float64, requires_grad=True) for n in names]
+    reference = EMAModel(as_torch(jax.device_get(trainer.state.params)), decay=cfg.optim.ema_decay)
+    for i in range(3):
+        assert jax.device_get(trainer.step(tiny_batch(np.random.default_rng(i))))["finite"]
+        reference.step(as_torch(jax.device_get(trainer.state.params)))
+    ema = flat(jax.device_get(trainer.state.ema))
+    assert reference.cur_decay_value == 0.2
+    for name, want in zip(names, reference.shadow_params):
+        np.testing.assert_allclose(ema[name], want.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def delete_a_data_file(step_dir):
     """Deletes the largest array data file of a checkpoint's train state."""
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) if os.path.basename(d) == "d"
