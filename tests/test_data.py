@@ -7,6 +7,7 @@ tears_of_steel_lab.mp4 is Tears of Steel (c) 2012 Blender Foundation | mango.ble
 """
 
 import dataclasses
+import itertools
 import math
 import sys
 
@@ -194,6 +195,36 @@ def test_sample_clip_one_crop_for_all_frames():
     assert (clip["frames"][:, 0, 0, 0] == clip["frame_indices"]).all()
     assert (clip["global_frames"][:, 0, 0, 0] == clip["global_indices"]).all()
     assert clip["global_indices"].tolist() == np.linspace(0, 99, 6, dtype=int).tolist()
+
+
+def test_augmentation_mirrors_and_permutes_the_whole_clip_alike():
+    video = ArrayVideo(np.random.default_rng(2).integers(0, 256, (30, 40, 48, 3), np.uint8), 25.0)
+    plain = ClipConfig(size=(16, 24), num_frames=4, num_global_frames=3)
+    augmented = dataclasses.replace(plain, hflip_prob=1.0, channel_shuffle_prob=1.0)
+    perms = set()
+    for seed in range(8):
+        base = sample_clip(video, plain, np.random.default_rng(seed))
+        clip = sample_clip(video, augmented, np.random.default_rng(seed))  # the same clip and crop, then mirrored
+        flipped = [base[k][:, :, ::-1] for k in ("frames", "global_frames")]
+        perm = next(p for p in itertools.permutations(range(3)) if np.array_equal(clip["frames"], flipped[0][..., p]))
+        np.testing.assert_array_equal(clip["global_frames"], flipped[1][..., perm])
+        perms.add(perm)
+    assert len(perms) > 1  # the permutation is drawn per clip
+    # Off (the default), nothing more is drawn: the clips of a config without augmentation stay as they were.
+    rng = np.random.default_rng(0)
+    sample_clip(video, plain, rng)
+    assert rng.integers(1 << 30) == _after_one_clip(video, plain)
+    assert augmented.without_augmentation() == plain
+    with pytest.raises(ValueError, match="hflip_prob"):
+        ClipConfig(hflip_prob=1.5)
+
+
+def _after_one_clip(video, config):
+    """The next draw after a clip's own draws (the plan and the crop), replayed by hand."""
+    rng = np.random.default_rng(0)
+    plan_clip(video.num_frames, video.fps, config.num_frames, config.fps_range, rng)
+    random_resized_crop((video.height, video.width), config.size, config.crop_scale, config.crop_ratio, rng)
+    return rng.integers(1 << 30)
 
 
 def test_random_resized_crop_ranges():

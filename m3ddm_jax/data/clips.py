@@ -17,10 +17,16 @@ Rules (the paper's, with the choices the paper leaves open):
   canvas instead, but with the clip's box a global frame and a clip frame cover the same view, which the
   masking of global frames inside the clip (masks.py) needs: the clip's outpainting mask then hides exactly
   the region the model has to generate.
+* Augmentation (off by default, as in the paper; the demo turns it on): per clip, the same for its frames and
+  global frames, a left-right mirror with `hflip_prob` and a random permutation of the RGB channels with
+  `channel_shuffle_prob`. A model trained on a few videos otherwise learns their colours instead of taking
+  the colours of the band from the frame's known region. Drawn after the crop and only when enabled, so a
+  config without augmentation draws the same clips as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,6 +46,8 @@ class ClipConfig:
     fps_range: tuple[float, float] = (1.0, 30.0)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area / frame area
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect / output aspect
+    hflip_prob: float = 0.0  # augmentation (module docstring): mirror the clip left-right
+    channel_shuffle_prob: float = 0.0  # augmentation: permute the clip's RGB channels
 
     def __post_init__(self):
         # ml_collections and JSON hand over lists; tuples keep the config hashable.
@@ -56,6 +64,13 @@ class ClipConfig:
                 raise ValueError(f"{name} must be 0 < low <= high, got {(lo, hi)}")
         if self.crop_scale[1] > 1:
             raise ValueError(f"crop_scale must be at most 1, got {self.crop_scale}")
+        for name in ("hflip_prob", "channel_shuffle_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def without_augmentation(self) -> ClipConfig:
+        """The same clips, unaugmented (held-out validation)."""
+        return dataclasses.replace(self, hflip_prob=0.0, channel_shuffle_prob=0.0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,15 @@ def crop_resize(frames: np.ndarray, box: Box, size: tuple[int, int]) -> np.ndarr
                      for f in frames])
 
 
+def augment(frames: np.ndarray, config: ClipConfig, rng: np.random.Generator) -> np.ndarray:
+    """(N, H, W, 3) -> the clip's augmentation of all N frames (module docstring)."""
+    if config.hflip_prob and rng.random() < config.hflip_prob:
+        frames = frames[:, :, ::-1]
+    if config.channel_shuffle_prob and rng.random() < config.channel_shuffle_prob:
+        frames = frames[..., rng.permutation(3)]
+    return np.ascontiguousarray(frames)
+
+
 def sample_clip(video: Video, config: ClipConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A training clip of `video`: `frames` (F, H, W, 3) uint8, `global_frames` (G, H, W, 3) uint8, `fps`
     float32, and the video frame indices of both (`frame_indices`, `global_indices`, int32)."""
@@ -123,7 +147,7 @@ def sample_clip(video: Video, config: ClipConfig, rng: np.random.Generator) -> d
     if decoded.shape[1:3] != (video.height, video.width):  # the crop box is in the header's size
         raise VideoError(f"decoded frames of size {decoded.shape[1:3]}, the header says "
                          f"{(video.height, video.width)}")
-    frames = crop_resize(decoded, box, config.size)[where]
+    frames = augment(crop_resize(decoded, box, config.size)[where], config, rng)
     return {
         "frames": frames[:config.num_frames],
         "global_frames": frames[config.num_frames:],

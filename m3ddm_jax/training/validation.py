@@ -116,9 +116,10 @@ class Validator:
                            evaluation.image_scores(telea, frames, band))
 
     def _loss_batch(self, path: str, index: int) -> dict[str, np.ndarray]:
-        """`clips` clips of one video from the training sampler (seeded per clip), CFG dropout off."""
+        """`clips` clips of one video from the training sampler (seeded per clip), unaugmented, CFG dropout off."""
         v, data = self.cfg.validation, self.cfg.data
-        examples = VideoExamples([FileVideo.open(path)], range(1), ClipConfig(**data.clip.to_dict()),
+        examples = VideoExamples([FileVideo.open(path)], range(1),
+                                 ClipConfig(**data.clip.to_dict()).without_augmentation(),
                                  MaskConfig(**data.masks.to_dict()), max_consecutive_skips=0)
         drawn = [examples(0, np.random.default_rng([v.seed, index, i])) for i in range(v.clips)]
         batch = {k: np.stack([e[k] for e in drawn]) for k in BATCH_KEYS if k in drawn[0]}
