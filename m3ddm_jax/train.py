@@ -39,11 +39,13 @@ from m3ddm_jax.data.pipeline import make_dataset
 from m3ddm_jax.models.pixel_space import PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
+from m3ddm_jax.sampling.schedule import WINDOW
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
 from m3ddm_jax.training import checkpoint, export, objective, samples, validation
 from m3ddm_jax.training.metrics_log import MetricsLog
 from m3ddm_jax.training.trainer import build_trainer, data_config, data_sources, per_host_batch_size
+from m3ddm_jax.video.canvas import NUM_GLOBAL_FRAMES
 
 log = logging.getLogger("m3ddm_jax.train")
 
@@ -97,6 +99,12 @@ def check_config(cfg) -> SamplerSettings:
         make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
                     multiple=sample_canvas_multiple(cfg))
     validation.check(cfg, settings, sample_canvas_multiple(cfg))
+    clip = cfg.data.clip
+    if (clip.num_frames, clip.num_global_frames) != (WINDOW, NUM_GLOBAL_FRAMES):
+        log.warning("data.clip has %d frames and %d global frames; the sampler outpaints windows of %d frames with "
+                    "%d global frames (M3DDM's shapes), so the samples and validation of this run see temporal "
+                    "positions and token counts it never trained on: train on %d and %d for a model to sample",
+                    clip.num_frames, clip.num_global_frames, WINDOW, NUM_GLOBAL_FRAMES, WINDOW, NUM_GLOBAL_FRAMES)
     data_sources(cfg)  # the batch split needs the mesh: train() checks it next
     return settings
 

@@ -2,6 +2,7 @@
 validation during training (m3ddm_jax/training/validation.py)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -104,6 +105,16 @@ def test_bad_recipe_or_validation_config_fails_at_startup(overrides, message):
     cfg = tiny_cfg(*overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.check_config(cfg)
+
+
+def test_clips_shorter_than_the_samplers_windows_are_warned(caplog):
+    """The sampler's windows are 16 frames with 16 global frames: a run on other clip shapes is told so."""
+    with caplog.at_level(logging.WARNING, logger="m3ddm_jax.train"):
+        train.check_config(tiny_cfg())
+        assert "data.clip has 4 frames and 2 global frames; the sampler outpaints windows of 16" in caplog.text
+        caplog.clear()
+        train.check_config(tiny_cfg("--config.data.clip.num_frames=16", "--config.data.clip.num_global_frames=16"))
+        assert "data.clip" not in caplog.text
 
 
 @pytest.mark.slow
