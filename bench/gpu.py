@@ -472,8 +472,9 @@ def section_demo_training(rec: Recorder, args) -> None:
     with open(metrics) as fh:
         lines = [json.loads(line) for line in fh if line.strip()]
     train = [r for r in lines if "group" not in r]
-    rec["validation"] = [{k: r.get(k) for k in ("step", "val_loss", "val_psnr_generated", "telea_psnr_generated",
-                                                 "val_ssim_generated", "telea_ssim_generated", "val_seconds")}
+    rec["validation"] = [{k: r.get(k) for k in ("step", "val_loss", "val_psnr_generated", "estimate_psnr_generated",
+                                                 "telea_psnr_generated", "val_ssim_generated", "telea_ssim_generated",
+                                                 "val_seconds")}
                          for r in lines if r.get("group") == GROUP]
     if train:
         rec["last_train"] = train[-1]

@@ -144,8 +144,9 @@ def validate(cfg, validator: validation.Validator | None, trainer, workdir: str,
         return
     record = {"step": step, **validator(unet, os.path.join(workdir, validation.FOLDER, f"step_{step:07d}"))}
     metrics_log.write(record, group=validation.GROUP)
-    log.info("validation at step %d: loss %.4f, generated-band PSNR %.2f dB (TELEA %.2f dB)", step,
-             record["val_loss"], record["val_psnr_generated"], record["telea_psnr_generated"])
+    log.info("validation at step %d: loss %.4f, generated-band PSNR %.2f dB (one-step estimate %.2f dB, TELEA "
+             "%.2f dB)", step, record["val_loss"], record["val_psnr_generated"], record["estimate_psnr_generated"],
+             record["telea_psnr_generated"])
 
 
 class SkipRun:

@@ -165,7 +165,8 @@ def test_demo_trains_and_samples(tmp_path, compile_cache):
               "--config.validation.max_frames=4")
     val = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"group"' in line]
     assert [r["step"] for r in val] == [0, 2]
-    assert all(np.isfinite([r["val_loss"], r["val_psnr_generated"], r["telea_psnr_generated"]]).all() for r in val)
+    assert all(np.isfinite([r["val_loss"], r["val_psnr_generated"], r["estimate_psnr_generated"],
+                            r["telea_psnr_generated"]]).all() for r in val)
     assert (workdir / "validation" / "step_0000002" / "grid.png").stat().st_size > 0
     folder = workdir / "samples" / "step_0000002"
     video = read_video(folder / "stream_of_water.mp4")

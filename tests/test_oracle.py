@@ -19,7 +19,7 @@ from m3ddm_jax.models.pixel_space import PixelSpace, PixelSpaceConfig
 from m3ddm_jax.models.unet3d import UNet3DConfig
 from m3ddm_jax.sampling import Outpainter, guidance_branches
 from m3ddm_jax.sampling.settings import SamplerSettings
-from m3ddm_jax.training import objective
+from m3ddm_jax.training import objective, validation
 from m3ddm_jax.video.canvas import to_model_range
 
 SD = pretrained.SD15_SCHEDULER_CONFIG
@@ -125,6 +125,15 @@ def test_oracle_with_strength_and_without_guidance():
     for settings in (SETTINGS.replace(strength=0.5), SETTINGS.replace(guidance_scale=1.0, global_guidance_scale=1.0)):
         _, psnr = outpaint_oracle(clip_frames(16), config, settings)
         assert psnr > final_noise_psnr(config) - 1.5, (settings, psnr)
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_one_step_estimate_of_the_oracle_is_the_ground_truth(schedule):
+    """Validation's one-step estimate (one DDIM step from the last training timestep, no guidance) of an exact
+    denoiser is the ground truth, whatever the run's own timestep spacing."""
+    config, settings = validation.estimate_sampler(SCHEDULES[schedule], SETTINGS)
+    _, psnr = outpaint_oracle(clip_frames(16), config, settings)
+    assert psnr > final_noise_psnr(config) - 1.5, psnr
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))

@@ -120,7 +120,7 @@ def test_clips_shorter_than_the_samplers_windows_are_warned(caplog):
 @pytest.mark.slow
 def test_training_validates_into_metrics_and_a_grid(tmp_path, compile_cache):
     """Validation at step 0, every 2 steps and at the end: its rows in metrics.jsonl (the TELEA baseline
-    beside the model's), a TensorBoard event file, the frame grid (4 rows of 16 + 2 px)."""
+    beside the model's and its one-step estimate), a TensorBoard event file, the frame grid (5 rows of 16 + 2 px)."""
     cmd = [sys.executable, "-m", "m3ddm_jax.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
            f"--config.compilation_cache={compile_cache}", "--config.total_steps=4",
            f"--config.validation.videos=('{HELD_OUT}',)", "--config.validation.every=2"]
@@ -130,14 +130,15 @@ def test_training_validates_into_metrics_and_a_grid(tmp_path, compile_cache):
     val = [r for r in rows if r.get("group") == validation.GROUP]
     assert [r["step"] for r in val] == [0, 2, 4]
     for r in val:
-        assert np.isfinite([r["val_loss"], r["val_psnr_generated"], r["telea_psnr_generated"]]).all()
+        assert np.isfinite([r["val_loss"], r["val_psnr_generated"], r["estimate_psnr_generated"],
+                            r["telea_psnr_generated"]]).all()
     assert len({r["telea_psnr_generated"] for r in val}) == 1  # the baseline does not train
     assert [r["step"] for r in rows if "group" not in r] == [1, 2, 3, 4]
     assert os.listdir(tmp_path / "tensorboard")
     import cv2
 
     grid = cv2.imread(str(tmp_path / validation.FOLDER / "step_0000004" / "grid.png"))
-    assert grid.shape[0] == 4 * 16 + 3 * 2
+    assert grid.shape[0] == 5 * 16 + 4 * 2
 
 
 def demo_outpaint_flags(cfg) -> list[str]:

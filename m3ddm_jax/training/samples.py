@@ -47,13 +47,13 @@ def write_samples(folder: str, outpainter: Outpainter, videos: Sequence[tuple[st
     return path
 
 
-def write_validation_grid(path: str, clips: Sequence[HeldOutClip], results: Sequence[np.ndarray],
-                          grid_columns: int) -> str:
-    """Four rows per held-out clip: the source with its bands black, their TELEA fill, the model's result
-    (`results`, one per clip) and the ground truth. Returns `path`."""
+def write_validation_grid(path: str, clips: Sequence[HeldOutClip], estimates: Sequence[np.ndarray],
+                          results: Sequence[np.ndarray], grid_columns: int) -> str:
+    """Five rows per held-out clip: the source with its bands black, their TELEA fill, the model's one-step
+    estimate and its result (`estimates`, `results`, one per clip), the ground truth. Returns `path`."""
     rows = []
-    for clip, result in zip(clips, results, strict=True):
-        rows += [black_bands(clip.frames, clip.band), clip.telea, result, clip.frames]
+    for clip, estimate, result in zip(clips, estimates, results, strict=True):
+        rows += [black_bands(clip.frames, clip.band), clip.telea, estimate, result, clip.frames]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_png(path, frame_grid(rows, columns=grid_columns))
     return path

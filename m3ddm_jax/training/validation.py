@@ -18,10 +18,15 @@ when training ends:
   the frame itself (a native canvas of long side max(frame_size)), so the condition is exactly the
   black-banded ground truth and the TELEA fill is the sampler's init; the other sampler settings are the
   run's (`config.sampler`).
+* The model's one-step estimate (`estimate_psnr_generated`, `estimate_ssim_generated`): the same outpainting
+  in one DDIM step from pure noise at the last training timestep, conditional branch only: the model's x0
+  prediction from the condition alone, the mean of what it samples (exactly so for v-prediction with zero
+  terminal SNR). A sample from a calibrated model lies ~3 dB under its mean, so a sample PSNR far under
+  the estimate's points at the sampler, an estimate under the TELEA fill at the model.
 
 The model is the EMA one, as exported and sampled. The metrics go to metrics.jsonl and TensorBoard (group
-`val`); a frame grid (rows per clip: the source with its bands black, the TELEA fill, the model's result,
-the ground truth) to WORKDIR/validation/step_N/grid.png. One process computes and writes (train.py).
+`val`); a frame grid (rows per clip: the source with its bands black, the TELEA fill, the one-step estimate,
+the model's result, the ground truth) to WORKDIR/validation/step_N/grid.png. One process computes and writes (train.py).
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ from m3ddm_jax.video.io import read_video
 
 FOLDER = "validation"
 GROUP = "val"  # TensorBoard group of the metrics
+
+
+def estimate_sampler(scheduler_config: dict, settings: SamplerSettings) -> tuple[dict, SamplerSettings]:
+    """The scheduler config and sampler settings of the one-step estimate (module docstring): one DDIM step
+    from the last training timestep (trailing spacing), conditional branch only."""
+    return ({**scheduler_config, "timestep_spacing": "trailing"},
+            settings.replace(scheduler="ddim", steps=1, strength=1.0, guidance_scale=1.0, global_guidance_scale=1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,19 +152,20 @@ class Validator:
         """The metrics of `unet` (float means over the held-out clips); with `folder`, the frame grid there."""
         t0, cpu0 = time.perf_counter(), time.process_time()
         record = {"val_loss": self.loss(unet)}
-        outpainter = Outpainter(unet, self.codec, self.scheduler_config, self.settings)
-        scores, results = [], []
-        for clip in self.clips:
-            result = evaluation.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
-                                               evaluation.video_key(self.settings.seed, clip.name))
-            scores.append(evaluation.image_scores(result, clip.frames, clip.band))
-            results.append(result)
-        for prefix, rows in (("val", scores), ("telea", [c.telea_scores for c in self.clips])):
+        samplers = {"val": Outpainter(unet, self.codec, self.scheduler_config, self.settings),
+                    "estimate": Outpainter(unet, self.codec, *estimate_sampler(self.scheduler_config, self.settings))}
+        results = {name: [evaluation.outpaint_bands(outpainter, clip.frames, clip.fps, clip.band,
+                                                    evaluation.video_key(self.settings.seed, clip.name))
+                          for clip in self.clips] for name, outpainter in samplers.items()}
+        scores = {name: [evaluation.image_scores(r, clip.frames, clip.band) for r, clip in zip(rs, self.clips)]
+                  for name, rs in results.items()}
+        scores["telea"] = [c.telea_scores for c in self.clips]
+        for prefix, rows in scores.items():
             for metric in ("psnr_generated", "ssim_generated"):
                 record[f"{prefix}_{metric}"] = float(np.mean([r[metric] for r in rows]))
         if folder is not None:
-            samples.write_validation_grid(os.path.join(folder, "grid.png"), self.clips, results,
-                                          self.cfg.sample.grid_columns)
+            samples.write_validation_grid(os.path.join(folder, "grid.png"), self.clips, results["estimate"],
+                                          results["val"], self.cfg.sample.grid_columns)
         record.update(val_seconds=time.perf_counter() - t0, val_cpu_seconds=time.process_time() - cpu0)
         return record
 
