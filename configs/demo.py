@@ -1,4 +1,5 @@
-"""The embedded default: a tiny M3DDM trained on CPU in minutes on the bundled clips (assets/videos).
+"""The embedded default: a tiny M3DDM trained on CPU in minutes on the bundled clips (assets/videos and
+assets/videos_train).
 
 No downloaded weights: the latent space is the weight-free pixel space (space-to-depth by 2), and the UNet
 starts from random initialisation. The run ends by writing sample outpaintings of held-out clips. Then:
@@ -39,7 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.compilation_cache = "~/.cache/m3ddm_jax/jax"  # persistent XLA cache; "" disables
 
     # scaling_factor (pixel space only; a VAE folder carries its own): latents are pixels in [-1, 1] times it.
-    c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": "", "scaling_factor": 1.0})
+    # 2.5: the clips' pixels have std ~0.4, so the latents get about the unit variance the noise schedule and
+    # v-prediction assume (BENCHMARKS.md "Demo recipe search").
+    c.latent = ml_collections.ConfigDict({"kind": "pixel", "factor": 2, "weights": "", "scaling_factor": 2.5})
     c.init = ml_collections.ConfigDict({"weights": ""})  # a weights folder (e.g. an inflated SD 1.5) or random
     # A random UNet's temporal convs and fps conditioning start as the identity (as inflation starts them)
     c.init.temporal_identity = True  # (the demo recipe: BENCHMARKS.md "Demo recipe search")
@@ -57,18 +60,25 @@ def get_config() -> ml_collections.ConfigDict:
     # The demo's recipe (BENCHMARKS.md "Demo recipe search"): v-prediction, zero terminal SNR, trailing timesteps.
     c.scheduler = ml_collections.ConfigDict({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction",
                                              "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"})
-    # Loss weighting per clip (m3ddm_jax/training/objective.py): uniform (the paper) | min_snr
-    c.loss = ml_collections.ConfigDict({"weighting": "min_snr", "snr_gamma": 5.0})
+    # Loss weighting per clip (m3ddm_jax/training/objective.py): uniform (the paper) | min_snr. Uniform v loss
+    # weights the x0 error by 1 + SNR: min_snr's min(SNR, 5) would leave the noisiest steps, where the band is
+    # made from the condition alone, almost untrained.
+    c.loss = ml_collections.ConfigDict({"weighting": "uniform", "snr_gamma": 5.0})
 
     c.data = ml_collections.ConfigDict({
         "root": "",  # --config.data.root=DIR trains on every video under DIR instead
         "sources": [{"kind": "folder", "path": os.path.join(REPO, "assets", "videos"),
-                     "manifest": os.path.join(REPO, "assets", "videos", "train.txt")}],
+                     "manifest": os.path.join(REPO, "assets", "videos", "train.txt")},
+                    {"kind": "folder", "path": os.path.join(REPO, "assets", "videos_train")}],
         "latent_cache": "",  # a folder written by tools/cache_latents.py: train from it instead
         "global_batch_size": 4,  # over all devices and processes; each process loads its part
         "worker_count": 0,
-        "clip": {"num_frames": 8, "num_global_frames": 4, "size": (32, 32), "fps_range": (1.0, 30.0),
-                 "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3)},
+        # 16 frames and 16 global frames: the sampler's window (a model trained on shorter clips meets
+        # untrained temporal positions when it samples). Mirrored and colour-permuted clips: four videos
+        # are few, and a model that learns their colours paints them into every band.
+        "clip": {"num_frames": 16, "num_global_frames": 16, "size": (32, 32), "fps_range": (1.0, 30.0),
+                 "crop_scale": (0.5, 1.0), "crop_ratio": (3 / 4, 4 / 3), "hflip_prob": 0.5,
+                 "channel_shuffle_prob": 0.5},
         "masks": {},
     })
 
