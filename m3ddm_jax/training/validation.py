@@ -26,7 +26,8 @@ when training ends:
 
 The model is the EMA one, as exported and sampled. The metrics go to metrics.jsonl and TensorBoard (group
 `val`); a frame grid (rows per clip: the source with its bands black, the TELEA fill, the one-step estimate,
-the model's result, the ground truth) to WORKDIR/validation/step_N/grid.png. One process computes and writes (train.py).
+the model's result, the ground truth) to WORKDIR/validation/step_N/grid.png. One process computes and writes
+(train.py).
 """
 
 from __future__ import annotations
