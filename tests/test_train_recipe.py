@@ -18,8 +18,12 @@ from m3ddm_jax.convert import inflate
 from m3ddm_jax.diffusion.noise_schedule import NoiseSchedule
 from m3ddm_jax.models.layers import random_init
 from m3ddm_jax.models.unet3d import UNet3DConfig
-from m3ddm_jax.training import objective, validation
+from m3ddm_jax.training import export, objective, validation
+from m3ddm_jax.training.checkpoint import Checkpointer
 from m3ddm_jax.training.trainer import build_trainer
+
+sys.path.insert(0, str(REPO / "tools"))
+import validate_run  # noqa: E402
 
 CONFIG = REPO / "configs" / "test_tiny.py"
 HELD_OUT = str(REPO / "assets" / "videos" / "stream_of_water.mp4")
@@ -139,6 +143,38 @@ def test_training_validates_into_metrics_and_a_grid(tmp_path, compile_cache):
 
     grid = cv2.imread(str(tmp_path / validation.FOLDER / "step_0000004" / "grid.png"))
     assert grid.shape[0] == 5 * 16 + 4 * 2
+
+    # tools/validate_run.py scores the last checkpoint again: as the run did with the run's config, and with
+    # one sampler setting replaced, only what that setting touches changes.
+    again = validate_run.rescore(str(tmp_path), out=str(tmp_path / "rescored"))
+    for key in ("val_loss", "val_psnr_generated", "estimate_psnr_generated", "telea_psnr_generated"):
+        np.testing.assert_allclose(again[key], val[-1][key], rtol=1e-5, err_msg=key)
+    assert json.loads((tmp_path / "rescored" / "metrics.json").read_text())["step"] == 4
+    assert cv2.imread(str(tmp_path / "rescored" / "grid.png")).shape == grid.shape
+    three_steps = validate_run.rescore(str(tmp_path), 4, overrides=["sampler.steps=3"])
+    assert three_steps["val_psnr_generated"] != again["val_psnr_generated"]
+    for key in ("val_loss", "estimate_psnr_generated"):  # one unguided step: the estimate ignores steps
+        np.testing.assert_allclose(three_steps[key], again[key], rtol=1e-5, err_msg=key)
+
+
+def test_validate_run_errors_name_the_problem(tmp_path, capsys):
+    """tools/validate_run.py: a folder that is no run, a key the run's config lacks, a malformed --set."""
+    assert validate_run.main(["--run", str(tmp_path)]) == 1
+    assert "is not a training run folder" in capsys.readouterr().err
+    (tmp_path / export.MODEL).mkdir()
+    ckpt = Checkpointer(str(tmp_path / export.CHECKPOINTS), save_every=1, keep=1)
+    ckpt.save(2, {"x": np.zeros(1)}, None, json.loads(tiny_cfg().to_json_best_effort()), force=True)
+    ckpt.wait()
+    ckpt.close()
+    for flag, message in (("sampler.stepz=5", "the run's config has no key 'sampler.stepz'"),
+                          ("sampler.steps", "expected KEY=VALUE"),
+                          ("sampler.steps=0", "steps")):
+        assert validate_run.main(["--run", str(tmp_path), "--set", flag]) == 1
+        assert message in capsys.readouterr().err, flag
+    assert validate_run.main(["--run", str(tmp_path), "--step", "3"]) == 1
+    assert "has no checkpoint of step 3; complete steps: [2]" in capsys.readouterr().err
+    cfg = validate_run.run_config(str(tmp_path), 2)
+    assert cfg.validation.frame_size == tuple(tiny_cfg().validation.frame_size)  # tuples, as the config wrote
 
 
 def demo_outpaint_flags(cfg) -> list[str]:
