@@ -173,7 +173,7 @@ def test_validate_run_errors_name_the_problem(tmp_path, capsys):
         assert message in capsys.readouterr().err, flag
     assert validate_run.main(["--run", str(tmp_path), "--step", "3"]) == 1
     assert "has no checkpoint of step 3; complete steps: [2]" in capsys.readouterr().err
-    cfg = validate_run.run_config(str(tmp_path), 2)
+    cfg = export.run_config(str(tmp_path), 2)
     assert cfg.validation.frame_size == tuple(tiny_cfg().validation.frame_size)  # tuples, as the config wrote
 
 

@@ -23,29 +23,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 
 from m3ddm_jax import fileio, pretrained  # noqa: E402
 from m3ddm_jax.sampling.settings import SamplerSettings  # noqa: E402
 from m3ddm_jax.train import sample_canvas_multiple  # noqa: E402
 from m3ddm_jax.training import export, validation  # noqa: E402
-
-
-def _tuples(value):
-    """JSON lists back to the tuples the config files write (the config went to the checkpoint as JSON)."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def run_config(run_dir: str, step: int) -> ml_collections.ConfigDict:
-    """The config the run saved with checkpoint `step`."""
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, export.CHECKPOINTS)),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return ml_collections.ConfigDict(_tuples(saved))
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -73,7 +55,7 @@ def rescore(run_dir: str, step: int | None = None, params: str = "ema", override
         raise FileNotFoundError(f"{run_dir} is not a training run folder (no {export.MODEL}/); give the --workdir "
                                 f"of a run of python -m m3ddm_jax.train")
     step = export.choose_step(run_dir, step)
-    cfg = run_config(run_dir, step)
+    cfg = export.run_config(run_dir, step)
     apply_overrides(cfg, list(overrides))
     if not cfg.validation.videos:
         raise ValueError("validation.videos is empty: give held-out clips with --set \"validation.videos=('A.mp4',)\"")

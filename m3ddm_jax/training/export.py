@@ -16,11 +16,14 @@ folder appears only when it is complete (pretrained.save_weights).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -52,13 +55,31 @@ def write_run_model(run_dir: str, unet_config: UNet3DConfig, codec: LatentCodec,
                             scheduler_config=scheduler_config, overwrite=True)
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax warns on every read-only open ('Given directory is read only', 'Metadata file does not exist' for
+    a state saved without it): expected when reading a finished run, and alarming in a CLI's output."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_only_manager(run_dir: str) -> ocp.CheckpointManager:
+    with _orbax_quiet():
+        return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)),
+                                     options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def checkpoint_steps(run_dir: str) -> tuple[list[int], list[int]]:
     """(complete steps, steps whose save was interrupted) of a run folder, each sorted."""
     folder = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(folder):
         return [], []
-    manager = ocp.CheckpointManager(os.path.abspath(folder), options=ocp.CheckpointManagerOptions(read_only=True))
-    complete = sorted(manager.all_steps())
+    complete = sorted(_read_only_manager(run_dir).all_steps())
     # Orbax writes a step to '<step>.orbax-checkpoint-tmp-<time>' and renames it when every process is done.
     partial = {int(m.group(1)) for m in map(re.compile(r"(\d+)\.orbax-checkpoint-tmp").match, os.listdir(folder)) if m}
     return complete, sorted(partial - set(complete))
@@ -79,6 +100,22 @@ def choose_step(run_dir: str, step: int | None) -> int:
         raise ValueError(f"checkpoint step {step} of {run_dir} is incomplete (its save was interrupted); complete "
                          f"steps: {complete or 'none'}")
     raise ValueError(f"{run_dir} has no checkpoint of step {step}; complete steps: {complete or 'none'}")
+
+
+def _tuples(value):
+    """JSON lists back to the tuples that config files write."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def run_config(run_dir: str, step: int) -> ml_collections.ConfigDict:
+    """The config the run saved (as JSON) with checkpoint `step`."""
+    with _orbax_quiet():
+        saved = _read_only_manager(run_dir).restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(_tuples(saved["config"]))
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -111,7 +148,8 @@ def restore_unet(run_dir: str, step: int, params: str = "ema") -> nnx.Module:
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     unreadable = f"checkpoint {path} cannot be read; it is incomplete or damaged, export another step (--step)"
     try:
-        stored = checkpointer.metadata(path).item_metadata
+        with _orbax_quiet():
+            stored = checkpointer.metadata(path).item_metadata
     except (OSError, ValueError) as err:
         raise ValueError(f"{unreadable} ({type(err).__name__}: {err})") from err
     if stored is None or PARAMS[params] not in stored.keys():
