@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.compute_dtype = "float32"
     c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    c.vae_frames_per_call = 0  # frames of a clip per latent-encoder call (0: all; see configs/m3ddm_sd15_256.py)
     c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"  # skip (count and go on) | halt
     # nonfinite='skip' stops after this many skipped steps in a row: skipped steps leave the parameters as they

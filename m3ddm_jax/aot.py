@@ -209,6 +209,7 @@ def train_program(cfg, tpu: Slice, round_batch: bool = False) -> Program:
     unet_config, state = unet.config, program.abstract_state
     details = {"mesh": dict(mesh.shape), "global_batch": cfg.data.global_batch_size,
                "per_chip_batch": cfg.data.global_batch_size / tpu.chips, "remat": unet_config.remat,
+               "vae_frames_per_call": cfg.get("vae_frames_per_call", 0),
                "dtype": unet_config.dtype, "attention": unet_config.attention_impl,
                "params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
                # What the arguments hold, per device: the memory model's terms (README).

@@ -198,6 +198,29 @@ def test_cached_latents_give_the_same_inputs_as_pixels():
     assert float(a["mask"][1].min()) == 1.0 and float(a["mask"][0, 0].max()) == 0.0
 
 
+def test_vae_frames_per_call_gives_the_inputs_of_one_call():
+    """Encoding k frames of each clip per VAE call (the train step's memory knob) gives the UNet inputs of one
+    call for all frames, posterior draws included; a k that does not divide a clip's frames is an error."""
+    import jax
+
+    from m3ddm_jax import pretrained
+    from m3ddm_jax.models.layers import random_init
+    from m3ddm_jax.models.vae import VAEConfig
+    from m3ddm_jax.training import objective
+
+    vae = random_init(pretrained.abstract_model(VAEConfig(block_out_channels=(8, 16), layers_per_block=1,
+                                                          norm_num_groups=4)), seed=0)
+    batch, key = tiny_batch(np.random.default_rng(0)), jax.random.key(0)
+    whole = objective.unet_inputs(vae, batch, key)
+    assert float(np.std(whole["x0"])) > 0.01  # a real encoder and real draws, not constants
+    for k in (1, 2, 8):  # 8: more than a clip's 4 frames, so one call per clip
+        chunked = objective.unet_inputs(vae, batch, key, frames_per_call=k)
+        for name in whole:
+            np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=f"{name}, k={k}")
+    with pytest.raises(ValueError, match="vae_frames_per_call=3 does not divide the 4 frames"):
+        objective.unet_inputs(vae, batch, key, frames_per_call=3)
+
+
 def test_nonfinite_step_is_skipped_and_counted(compile_cache):
     import jax
 

@@ -36,15 +36,32 @@ from m3ddm_jax.models.vae import LatentCodec
 from m3ddm_jax.video.canvas import latent_mask, to_model_range
 
 
-def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array) -> jax.Array:
-    """(B, F, H, W, 3) in [-1, 1] -> (B, F, h, w, C) scaled posterior samples, one VAE call for all frames."""
-    b, f = frames.shape[:2]
-    z = codec.encode_to_latents(frames.reshape(b * f, *frames.shape[2:]), key=key)
-    return z.reshape(b, f, *z.shape[1:])
-
-
 def _posterior_sample(codec: LatentCodec, mean, std, key) -> jax.Array:
     return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * codec.config.scaling_factor
+
+
+def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array, frames_per_call: int = 0) -> jax.Array:
+    """(B, F, H, W, 3) in [-1, 1] -> (B, F, h, w, C) scaled posterior samples.
+
+    `frames_per_call` k (0: F; at most F, and a divisor of it) encodes k frames of every clip per VAE call, one call after
+    the other: the encoder's full-resolution activations are the largest temporaries of a train step (10 GiB
+    per chip for one clip's 48 frames at 256 x 256 on v5e in one call), and they scale with the frames of
+    a call. The clips' axis stays whole in every call, so its sharding over the mesh is untouched. The
+    posterior draws are those of a single call (one normal draw from `key` over all frames)."""
+    b, f = frames.shape[:2]
+    k = min(frames_per_call, f) or f
+    if f % k:
+        raise ValueError(f"vae_frames_per_call={frames_per_call} does not divide the {f} frames of a clip")
+    chunks = frames.reshape(b, f // k, k, *frames.shape[2:]).swapaxes(0, 1)  # (F/k, B, k, H, W, 3)
+
+    def encode(x):
+        mean, std = codec.encode(x.reshape(b * k, *x.shape[2:]))
+        return mean.reshape(b, k, *mean.shape[1:]), std.reshape(b, k, *std.shape[1:])
+
+    mean, std = jax.lax.map(encode, chunks)
+    mean, std = (y.swapaxes(0, 1).reshape(b * f, *y.shape[3:]) for y in (mean, std))
+    z = _posterior_sample(codec, mean, std, key)  # codec.encode_to_latents(frames, key=key)'s draws
+    return z.reshape(b, f, *z.shape[1:])
 
 
 def _pixel_masks(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -55,16 +72,16 @@ def _pixel_masks(batch: dict) -> tuple[jax.Array, jax.Array]:
     return clip, batch["global_masked"][:, :, None, None] & (mask[:, None] > 0)
 
 
-def inputs_from_pixels(codec: LatentCodec, batch: dict, k_clip, k_masked, k_global) -> dict:
+def inputs_from_pixels(codec: LatentCodec, batch: dict, k_clip, k_masked, k_global, frames_per_call: int = 0) -> dict:
     """The UNet inputs before CFG dropout from the batch's frames: masked regions are painted black, then
-    encoded."""
+    encoded (`frames_per_call`: encode_frames)."""
     clip, masked_global = _pixel_masks(batch)
     frames = to_model_range(batch["frames"])
-    x0 = encode_frames(codec, frames, k_clip)
-    cond = encode_frames(codec, jnp.where(clip[..., None] > 0, -1.0, frames), k_masked)
+    x0 = encode_frames(codec, frames, k_clip, frames_per_call)
+    cond = encode_frames(codec, jnp.where(clip[..., None] > 0, -1.0, frames), k_masked, frames_per_call)
     global_frames = jnp.where(masked_global[..., None], -1.0, to_model_range(batch["global_frames"]))
     return {"x0": x0, "cond": cond, "mask": latent_mask(clip, clip.shape[2] // x0.shape[2])[..., None],
-            "global_latents": encode_frames(codec, global_frames, k_global)}
+            "global_latents": encode_frames(codec, global_frames, k_global, frames_per_call)}
 
 
 def inputs_from_cache(codec: LatentCodec, batch: dict, black: jax.Array, k_clip, k_global) -> dict:
@@ -79,15 +96,16 @@ def inputs_from_cache(codec: LatentCodec, batch: dict, black: jax.Array, k_clip,
             "global_latents": jnp.where(latent_mask(masked_global, factor)[..., None], black, g)}
 
 
-def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array) -> dict:
+def unet_inputs(codec: LatentCodec, batch: dict, key: jax.Array, frames_per_call: int = 0) -> dict:
     """Clean latents, conditioning latents, latent mask and global latents for a batch (no gradients): from
-    its cached posteriors when it holds them, else from its frames; then the CFG dropout."""
+    its cached posteriors when it holds them, else from its frames (`frames_per_call`: encode_frames); then
+    the CFG dropout."""
     k_clip, k_masked, k_global, k_black = jax.random.split(key, 4)
     black = codec.encode_to_latents(jnp.full((1, *batch["mask"].shape[1:], 3), -1.0), key=k_black)[0]
     if "latent_mean" in batch:
         inputs = inputs_from_cache(codec, batch, black, k_clip, k_global)
     else:
-        inputs = inputs_from_pixels(codec, batch, k_clip, k_masked, k_global)
+        inputs = inputs_from_pixels(codec, batch, k_clip, k_masked, k_global, frames_per_call)
     drop = batch["drop_local"][:, None, None, None, None] & ~batch["given"][:, :, None, None, None]
     inputs["cond"] = jnp.where(drop, black, inputs["cond"])
     inputs["mask"] = jnp.where(drop, 1.0, inputs["mask"])

@@ -91,6 +91,7 @@ class StepSpec(NamedTuple):
     seed: int
     loss_weighting: str = "uniform"  # and snr_gamma: the loss weight per clip (objective.loss_weights)
     snr_gamma: float = 5.0
+    vae_frames_per_call: int = 0  # frames of each clip per VAE encoder call (objective.encode_frames)
 
 
 def train_step(spec: Static, state: TrainState, codec_state: nnx.State, batch: dict):
@@ -100,7 +101,7 @@ def train_step(spec: Static, state: TrainState, codec_state: nnx.State, batch: d
     key = jax.random.fold_in(jax.random.key(s.seed), state.step)
     k_inputs, k_loss = jax.random.split(key)
     codec = nnx.merge(s.codec_graphdef, codec_state)
-    inputs = objective.unet_inputs(codec, batch, k_inputs)
+    inputs = objective.unet_inputs(codec, batch, k_inputs, s.vae_frames_per_call)
 
     def loss_fn(params):
         unet = nnx.merge(s.graphdef, params, state.rest)

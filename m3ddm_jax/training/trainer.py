@@ -169,7 +169,8 @@ def build_train_program(cfg, mesh: jax.sharding.Mesh, codec, unet) -> TrainProgr
     batch_sh = {k: sharding.batch_sharding(mesh, len(shape), rules) for k, (shape, _) in spec.items()}
     step_spec = train_step.StepSpec(graphdef, codec_graphdef, tx, lr_schedule, schedule,
                                     ema_decay=cfg.optim.ema_decay, seed=cfg.seed,
-                                    loss_weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma)
+                                    loss_weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
+                                    vae_frames_per_call=cfg.get("vae_frames_per_call", 0))
     jitted = jitting.model_jit(train_step.train_step, in_shardings=(state_sh, codec_sh, batch_sh),
                                out_shardings=(state_sh, None), donate_argnums=1)  # 1: the state
     step_fn = sharding.MeshBound(jitting.Bound(jitted, jitting.Static(step_spec)), mesh)
