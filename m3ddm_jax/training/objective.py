@@ -43,11 +43,12 @@ def _posterior_sample(codec: LatentCodec, mean, std, key) -> jax.Array:
 def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array, frames_per_call: int = 0) -> jax.Array:
     """(B, F, H, W, 3) in [-1, 1] -> (B, F, h, w, C) scaled posterior samples.
 
-    `frames_per_call` k (0: F; at most F, and a divisor of it) encodes k frames of every clip per VAE call, one call after
-    the other: the encoder's full-resolution activations are the largest temporaries of a train step (10 GiB
-    per chip for one clip's 48 frames at 256 x 256 on v5e in one call), and they scale with the frames of
-    a call. The clips' axis stays whole in every call, so its sharding over the mesh is untouched. The
-    posterior draws are those of a single call (one normal draw from `key` over all frames)."""
+    `frames_per_call` k (0: F; above F: F; else a divisor of F) encodes k frames of every clip per VAE call,
+    one call after the other: the encoder's full-resolution activations are the largest temporaries of a
+    train step (10 GiB per v5e chip for one clip at 256 x 256 with each of its three frame sets in one
+    call), and they grow with the frames of a call. The clips' axis stays whole in every call, so its
+    sharding over the mesh is untouched. The posterior draws are those of a single call (one normal draw
+    from `key` over all frames)."""
     b, f = frames.shape[:2]
     k = min(frames_per_call, f) or f
     if f % k:
