@@ -186,7 +186,7 @@ def demo_outpaint_flags(cfg) -> list[str]:
             str(s.canvas_size), "--global-size", "x".join(map(str, s.global_size)), "--seed", str(s.seed)]
 
 
-@pytest.mark.slow  # the demo's whole run: ~14 minutes
+@pytest.mark.slow  # the demo's whole run: ~10 minutes
 @pytest.mark.xfail(strict=True, reason="the demo does not beat TELEA yet (~10 dB against 18 dB after its 160 steps: "
                                        "BENCHMARKS.md 'Demo recipe search'); strict: remove this mark when it does")
 def test_demo_beats_telea_on_its_held_out_clip(tmp_path, compile_cache):
