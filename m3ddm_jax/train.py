@@ -100,11 +100,8 @@ def check_config(cfg) -> SamplerSettings:
                     multiple=sample_canvas_multiple(cfg))
     validation.check(cfg, settings, sample_canvas_multiple(cfg))
     clip = cfg.data.clip
-    per_call = cfg.get("vae_frames_per_call", 0)
     for frames in (clip.num_frames, clip.num_global_frames):
-        if per_call < 0 or frames % (min(per_call, frames) or frames):
-            raise ValueError(f"vae_frames_per_call={per_call} does not divide the clips' {clip.num_frames} frames "
-                             f"and {clip.num_global_frames} global frames; use a common divisor (0: one call)")
+        objective.chunk_frames(cfg.get("vae_frames_per_call", 0), frames)
     if (clip.num_frames, clip.num_global_frames) != (WINDOW, NUM_GLOBAL_FRAMES):
         log.warning("data.clip has %d frames and %d global frames; the sampler outpaints windows of %d frames with "
                     "%d global frames (M3DDM's shapes), so the samples and validation of this run see temporal "

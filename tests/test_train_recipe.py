@@ -104,7 +104,7 @@ def test_validation_loss_uses_fixed_draws():
                                                                  "/nonexistent/clip.mp4 does not exist"),
     (("--config.validation.frame_size=(16, 18)",), "validation.frame_size=\\(16, 18\\)"),
     (("--config.validation.clips=0",), "validation.clips"),
-    (("--config.vae_frames_per_call=3",), "vae_frames_per_call=3 does not divide the clips' 4 frames and 2 global"),
+    (("--config.vae_frames_per_call=3",), "vae_frames_per_call=3 does not divide the 4 frames of a clip"),
 ])
 def test_bad_recipe_or_validation_config_fails_at_startup(overrides, message):
     cfg = tiny_cfg(*overrides)

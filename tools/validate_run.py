@@ -8,8 +8,8 @@ so that with no --set the figures are those of the run's metrics.jsonl at that s
 generated-band PSNR / SSIM, the one-step estimate and the TELEA fill. `--set KEY=VALUE` replaces one
 config value first (a Python literal, else a string): the sampler settings (`sampler.*`), the held-out
 clips and protocol (`validation.*`). The UNet is the checkpoint's EMA parameters (`--params raw`: the raw
-ones), in the latent space and noise schedule of the run's model/ folder. Prints one JSON object; with
---out, also writes it to DIR/metrics.json and the frame grid to DIR/grid.png.
+ones), in the latent space of the run's model/ folder, with the noise schedule of the saved config. Prints
+one JSON object; with --out, also writes it to DIR/metrics.json and the frame grid to DIR/grid.png.
 """
 
 from __future__ import annotations

@@ -40,6 +40,15 @@ def _posterior_sample(codec: LatentCodec, mean, std, key) -> jax.Array:
     return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * codec.config.scaling_factor
 
 
+def chunk_frames(frames_per_call: int, frames: int) -> int:
+    """The frames per VAE call that `frames_per_call` (config.vae_frames_per_call) gives a set of `frames`."""
+    k = min(frames_per_call, frames) or frames
+    if frames_per_call < 0 or frames % k:
+        raise ValueError(f"vae_frames_per_call={frames_per_call} does not divide the {frames} frames of a clip; use "
+                         f"a divisor of the clip and global frame counts (0: one call)")
+    return k
+
+
 def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array, frames_per_call: int = 0) -> jax.Array:
     """(B, F, H, W, 3) in [-1, 1] -> (B, F, h, w, C) scaled posterior samples.
 
@@ -50,9 +59,7 @@ def encode_frames(codec: LatentCodec, frames: jax.Array, key: jax.Array, frames_
     sharding over the mesh is untouched. The posterior draws are those of a single call (one normal draw
     from `key` over all frames)."""
     b, f = frames.shape[:2]
-    k = min(frames_per_call, f) or f
-    if f % k:
-        raise ValueError(f"vae_frames_per_call={frames_per_call} does not divide the {f} frames of a clip")
+    k = chunk_frames(frames_per_call, f)
     chunks = frames.reshape(b, f // k, k, *frames.shape[2:]).swapaxes(0, 1)  # (F/k, B, k, H, W, 3)
 
     def encode(x):
