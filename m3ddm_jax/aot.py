@@ -367,6 +367,13 @@ def compile_program(program: Program, tpu: Slice) -> tuple[Any, dict]:
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bandwidth
     roofline = max(compute_s, memory_s)
+    # The cost analysis counts a loop body once: the sampler's scan over steps (hence its cost unit), and also
+    # the VAE's frame chunks and XLA's windowed collective matmuls in the train step.
+    report["loops"] = compiled.as_text().count(" while(")
+    if report["loops"] > (program.what == "sample"):
+        report["notes"].append(f"{report['loops']} loops in the compiled program: the compiler's FLOPs and bytes "
+                               "accessed (and the roofline from them) count each loop body once; "
+                               "bench/aot_breakdown.py on --dump counts bodies as often as they run")
     model_flops = program.model_flops() / program.details.get("devices_used", len(tpu.devices))
     report.update(
         fits=sizes["total"] <= chip.usable_hbm_bytes, cost_unit=program.cost_unit, flops_per_device=flops,

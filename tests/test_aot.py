@@ -114,7 +114,8 @@ def test_cli_train_step_on_v5e(tmp_path):
     out = breakdown(str(tmp_path / "dump"), report)
     assert out["bytes_accessed_loop_bodies_once"] == pytest.approx(report["bytes_accessed_per_device"], rel=0.35)
     # The encoder's loop over frame chunks (2 frames of 4 per call) is counted as many times as it runs.
-    assert out["loops"] >= 1 and out["loops_counted_once"] == 0
+    assert out["loops"] == report["loops"] >= 1 and out["loops_counted_once"] == 0
+    assert any(f"{report['loops']} loops in the compiled program" in n for n in report["notes"])
     assert out["bytes_accessed"] > out["bytes_accessed_loop_bodies_once"]
     moved = {(part, way) for part, way, _ in out["traffic"]}
     assert {("unet3d.ResnetBlockP3D.__call__", "forward"), ("unet3d.ResnetBlockP3D.__call__", "backward")} <= moved
