@@ -78,6 +78,31 @@ def _operands(call: str) -> list[str]:
     return []
 
 
+def _instruction(line: str) -> dict | None:
+    """One instruction line of a computation: its name, shape, opcode, operands, source and what the loop
+    analysis needs (called computations, a scalar constant's value, a tuple index, a compare's direction)."""
+    m = _INSTRUCTION.match(line)
+    if not m:
+        return None
+    shape, tail = _split_shape(m.group(2))
+    opcode = tail.split("(", 1)[0]
+
+    def field(pattern: str) -> str | None:
+        found = re.search(pattern, tail)
+        return found.group(1) if found else None
+
+    literal = re.match(r"constant\((-?\d+)\)", tail) if opcode == "constant" else None
+    index = field(r", index=(\d+)")
+    return {"name": m.group(1), "shape": shape, "opcode": opcode, "operands": _operands(tail),
+            "root": line.lstrip().startswith("ROOT "), "less_than": "direction=LT" in tail,
+            "op_name": field(r'op_name="([^"]*)"') or "", "frame": int(field(r"stack_frame_id=(\d+)") or 0),
+            "condition": field(r"condition=%([\w.\-]+)") or "",
+            "literal": int(literal.group(1)) if literal else None, "index": int(index) if index else None,
+            "called": re.findall(r"(?:body|calls|to_apply)=%([\w.\-]+)", tail) + [
+                c for group in re.findall(r"branch_computations=\{([^}]*)\}", tail)
+                for c in re.findall(r"%([\w.\-]+)", group)]}
+
+
 class Module:
     """The scheduled HLO module of one dump: its computations' instructions and the source of each."""
 
@@ -105,26 +130,9 @@ class Module:
                     if line.startswith("ENTRY"):
                         self.entry = name
                     continue
-                m = _INSTRUCTION.match(line)
-                if m and current is not None:
-                    shape, tail = _split_shape(m.group(2))
-                    opcode = tail.split("(", 1)[0]
-                    meta = re.search(r'op_name="([^"]*)"', tail)
-                    frame = re.search(r"stack_frame_id=(\d+)", tail)
-                    called = re.findall(r"(?:body|calls|to_apply)=%([\w.\-]+)", tail) + [
-                        c for group in re.findall(r"branch_computations=\{([^}]*)\}", tail)
-                        for c in re.findall(r"%([\w.\-]+)", group)]
-                    condition = re.search(r"condition=%([\w.\-]+)", tail)
-                    literal = re.match(r"constant\((-?\d+)\)", tail) if opcode == "constant" else None
-                    current.append({"name": m.group(1), "shape": shape, "opcode": opcode, "operands": _operands(tail),
-                                    "root": line.lstrip().startswith("ROOT "),
-                                    "tail": tail[:200] if opcode == "compare" else "",
-                                    "op_name": meta.group(1) if meta else "", "frame": int(frame.group(1)) if frame else 0,
-                                    "condition": condition.group(1) if condition else "",
-                                    "literal": int(literal.group(1)) if literal else None,
-                                    "index": int(index.group(1)) if (index := re.search(r", index=(\d+)", tail))
-                                    else None,
-                                    "called": called})
+                ins = _instruction(line) if current is not None else None
+                if ins:
+                    current.append(ins)
         ints = lambda s: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", s)}  # noqa: E731
         self._locs = {k: ints(v) for k, v in locs.items()}
         self._frames = {k: ints(v) for k, v in frames.items()}
@@ -197,7 +205,7 @@ class Module:
             step_ins = self.by_name.get(step_ins["operands"][0], {})
         steps = [self._constant(o) for o in step_ins.get("operands", [])] if step_ins.get("opcode") == "add" else []
         step = next((c for c in steps if c is not None), None)
-        if start is None or not step or step < 0 or "direction=LT" not in compare[0]["tail"]:
+        if start is None or not step or step < 0 or not compare[0]["less_than"]:
             return None
         return max(0, -(-(bound - start) // step))
 
@@ -315,9 +323,9 @@ def breakdown(dump: str, report: dict | None = None, top: int = 12) -> dict:
            "traffic": [[p, w, n] for (p, w), n in moved.most_common()],
            "peak": [[p, w, n] for (p, w), n in live.most_common()]}
     accessed = (report or {}).get("bytes_accessed_per_device")
+    compiler = f" (the compiler's cost analysis, which counts them once: {accessed / 1e9:.2f} GB)" if accessed else ""
     lines = [out["module"], f"bytes read + written per device: {out['bytes_accessed'] / 1e9:.2f} GB; loop bodies "
-             f"counted once: {out['bytes_accessed_loop_bodies_once'] / 1e9:.2f} GB"
-             + (f" (the compiler's cost analysis, which counts them once: {accessed / 1e9:.2f} GB)" if accessed else ""),
+             f"counted once: {out['bytes_accessed_loop_bodies_once'] / 1e9:.2f} GB{compiler}",
              f"loops: {loops}, {len(unknown)} of them with no trip count read from their counter (counted once)"]
     lines += table(moved, out["bytes_accessed"], top)
     sizes = (report or {}).get("per_device_bytes") or {}
