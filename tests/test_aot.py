@@ -5,6 +5,7 @@ optimiser updates), so the model is shrunk further here (one plain UNet level) a
 for several checks.
 """
 
+import importlib.util
 import json
 import os
 import pickle
@@ -26,9 +27,6 @@ from m3ddm_jax.sampling.window import windows_per_call  # noqa: E402
 from m3ddm_jax.training import trainer  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-
-sys.path.insert(0, str(REPO / "bench"))
-from aot_breakdown import breakdown  # noqa: E402
 
 TOOL = str(REPO / "tools" / "aot_compile.py")
 TINY = str(REPO / "configs" / "test_tiny.py")
@@ -111,7 +109,10 @@ def test_cli_train_step_on_v5e(tmp_path):
     # come near the compiler's own total, and the UNet's parts move bytes in both passes. Near, not equal: the
     # compiler counts a fusion's operands by the bytes its body reads (a slice of one, say), the tool whole;
     # at these shapes that is +24 % (the full-size step: BENCHMARKS.md).
-    out = breakdown(str(tmp_path / "dump"), report)
+    spec = importlib.util.spec_from_file_location("aot_breakdown", REPO / "bench" / "aot_breakdown.py")
+    aot_breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot_breakdown)  # a script, not a package module: loaded from its file
+    out = aot_breakdown.breakdown(str(tmp_path / "dump"), report)
     assert out["bytes_accessed_loop_bodies_once"] == pytest.approx(report["bytes_accessed_per_device"], rel=0.35)
     # The encoder's loop over frame chunks (2 frames of 4 per call) is counted as many times as it runs.
     assert out["loops"] == report["loops"] >= 1 and out["loops_counted_once"] == 0
