@@ -35,9 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.compute_dtype = "bfloat16"
     c.remat = "dots"
-    # Frames of each clip per VAE encoder call in the train step (0: all of a clip's frames in one call). The
-    # frozen encoder's full-resolution activations, not the UNet's, are a step's largest temporaries: 10 GiB
-    # per v5e chip for one clip's 48 frames at 256 x 256 in one call (BENCHMARKS.md "Ahead-of-time compilation").
+    # Frames of each clip per VAE encoder call in the train step and the validation loss (0: all of a clip's
+    # frames in one call). The frozen encoder's full-resolution activations, not the UNet's, were a step's
+    # largest temporaries: 10 GiB per v5e chip for one clip's 48 frames at 256 x 256 in one call
+    # (BENCHMARKS.md "Ahead-of-time compilation").
     c.vae_frames_per_call = 4
     c.attention = "auto"  # the UNet's attention kernel in training (m3ddm_jax/models/attention.py)
     c.nonfinite = "skip"

@@ -81,9 +81,9 @@ def tiny_cfg(*overrides):
 
 
 @pytest.mark.slow  # ~1 min: builds two trainers and compiles the validation loss
-def test_validation_loss_uses_fixed_draws():
+def test_validation_loss_uses_fixed_draws(monkeypatch):
     """Two calls on the same model give the same loss (fixed clips, masks, noise, timesteps); another model
-    gives another loss."""
+    gives another loss; the config's VAE frames per call reach the validation encoder and keep its loss."""
     cfg = tiny_cfg()
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
     validator = validation.Validator(cfg, trainer.codec, train.check_config(cfg))
@@ -94,6 +94,12 @@ def test_validation_loss_uses_fixed_draws():
     other = build_trainer(tiny_cfg("--config.seed=1"), sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
     other = other.ema_unet()
     assert validator.loss(other) != first
+    chunked = tiny_cfg("--config.vae_frames_per_call=2")
+    calls, encode = [], objective.encode_frames
+    monkeypatch.setattr(objective, "encode_frames", lambda *a: calls.append(a[3]) or encode(*a))
+    assert np.isclose(validation.Validator(chunked, trainer.codec, train.check_config(chunked)).loss(unet), first,
+                      rtol=1e-5)
+    assert calls and set(calls) == {2}
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -143,7 +143,7 @@ class Validator:
     def loss(self, unet: nnx.Module) -> float:
         graphdef, state = nnx.split(unet)
         codec_graphdef, codec_state = nnx.split(self.codec)
-        static = jitting.Static((graphdef, codec_graphdef, self.schedule))
+        static = jitting.Static((graphdef, codec_graphdef, self.schedule, self.cfg.get("vae_frames_per_call", 0)))
         errors = [_noise_errors(static, state, codec_state, batch,
                                 jax.random.fold_in(jax.random.key(self.cfg.validation.seed), i), self.timesteps)
                   for i, batch in enumerate(self.batches)]
@@ -173,12 +173,12 @@ class Validator:
 
 @jitting.model_jit
 def _noise_errors(static, state, codec_state, batch, key, timesteps):
-    """(timesteps, clips) noise MSE of the fixed draws for static (UNet graphdef, codec graphdef, schedule):
-    inputs and noise from `key`, one pass per t."""
-    graphdef, codec_graphdef, schedule = static.value
+    """(timesteps, clips) noise MSE of the fixed draws for static (UNet graphdef, codec graphdef, schedule, VAE
+    frames per call, as in the train step): inputs and noise from `key`, one pass per t."""
+    graphdef, codec_graphdef, schedule, frames_per_call = static.value
     unet, codec = nnx.merge(graphdef, state), nnx.merge(codec_graphdef, codec_state)
     k_inputs, k_noise = jax.random.split(key)
-    inputs = objective.unet_inputs(codec, batch, k_inputs)
+    inputs = objective.unet_inputs(codec, batch, k_inputs, frames_per_call)
     x0 = inputs["x0"]
 
     def one(j):
