@@ -66,7 +66,7 @@ from tqdm import tqdm
 from m3ddm_jax import configlib, fileio, jobs, sharding
 from m3ddm_jax.evaluation import (TELEA, Scorer, Source, band_width, list_videos, markdown, outpaint_bands, prepare,
                                   ratio_key, read_frames, summarize, telea_bands, video_key)
-from m3ddm_jax.pretrained import check_weights_folder
+from m3ddm_jax.pretrained import check_weights_folder, read_scheduler_config
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
 
@@ -114,7 +114,7 @@ def check_config(cfg) -> SamplerSettings:
         raise ValueError("LPIPS needs both metrics.lpips_lin (lpips alex.pth) and metrics.alexnet (torchvision "
                          "AlexNet); set both, or neither to skip LPIPS")
     if cfg.weights:
-        check_weights_folder(cfg.weights)
+        settings.check_steps(read_scheduler_config(check_weights_folder(cfg.weights)))
     else:
         keys = [ratio_key(r) for r in cfg.mask_ratios]
         missing = [k for k in keys if not os.path.isdir(os.path.join(cfg.predictions, k))]

@@ -59,8 +59,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from m3ddm_jax import configlib, fileio, jobs, sharding
-from m3ddm_jax.outpaint import check_layout, check_sampler
+from m3ddm_jax import configlib, fileio, jobs, pretrained, sharding
+from m3ddm_jax.outpaint import check_layout
 from m3ddm_jax.pretrained import check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
@@ -138,10 +138,7 @@ def check_config(cfg) -> SamplerSettings:
     if cfg.max_frames < 0:
         raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
     check_weights_folder(cfg.weights)
-    try:
-        check_sampler(cfg.weights, settings)
-    except ValueError as err:
-        raise ValueError(f"sampler.steps={settings.steps}: {err}") from err
+    settings.check_steps(pretrained.read_scheduler_config(cfg.weights))
     # Ratio, canvas mode and canvas size at once, on a frame of the training size.
     check_layout(cfg.weights, (256, 256), cfg.ratio, settings)
     return settings

@@ -22,7 +22,6 @@ import sys
 from tqdm import tqdm
 
 from m3ddm_jax import pretrained
-from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
 from m3ddm_jax.pretrained import WEIGHTS_ENV, check_weights_folder
 from m3ddm_jax.sampling.pipeline import Outpainter, canvas_multiple, make_layout
@@ -57,12 +56,6 @@ def check_layout(weights: str, source_hw: tuple[int, int], ratio: str, settings:
         raise ValueError(f"official canvas: a {source_hw[0]}x{source_hw[1]} frame extended to {ratio} gives a "
                          f"{ch}x{cw} canvas, but this model needs sides that are a multiple of {multiple} pixels; "
                          f"use the native canvas (--mode native)")
-
-
-def check_sampler(weights: str, settings: SamplerSettings) -> None:
-    """Fails fast, from the weights folder's noise schedule, on a step count its sampler cannot run."""
-    schedule = NoiseSchedule.from_config(pretrained.read_scheduler_config(weights))
-    make_sampler(settings.scheduler, schedule, settings.steps, strength=settings.strength)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,10 +119,7 @@ def run(args: argparse.Namespace) -> None:
     parse_ratio(args.ratio)
     check_output_file(args.output, "--output")
     weights = check_weights_folder(args.weights)
-    try:
-        check_sampler(weights, settings)
-    except ValueError as err:
-        raise ValueError(f"{_flag('steps', settings.steps)}: {err}; use more steps (or --scheduler ddim)") from err
+    settings.check_steps(pretrained.read_scheduler_config(weights), _flag("steps", settings.steps))
     video = read_video(args.input)
     try:
         check_layout(weights, video.frames.shape[1:3], args.ratio, settings)

@@ -95,6 +95,8 @@ def check_config(cfg) -> SamplerSettings:
     for video in cfg.sample.videos:
         if not os.path.isfile(video):
             raise FileNotFoundError(f"sample.videos: held-out clip {video} does not exist")
+    if cfg.sample.videos or cfg.validation.videos:
+        settings.check_steps(cfg.scheduler.to_dict())
     if cfg.sample.videos:  # ratio, canvas mode and size at once, on a frame of the training size
         make_layout((256, 256), cfg.sample.ratio, settings.canvas_mode, canvas_size=settings.canvas_size,
                     multiple=sample_canvas_multiple(cfg))

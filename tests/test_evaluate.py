@@ -186,6 +186,9 @@ def test_bad_input_is_named(videos, tiny_weights, lpips_pair, tmp_path):
         run(**{"metrics.i3d": str(tmp_path / "i3d.pt")})
     with pytest.raises(FileNotFoundError, match=f"weights folder {tmp_path / 'w'} does not exist"):
         run(weights=str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="sampler.steps=1: the M3DDM PNDM loop needs at least 2 timesteps.*use "
+                                         "more steps or the ddim scheduler"):
+        run(**{"sampler.steps": 1})
     with pytest.raises(ValueError, match="set exactly one of --config.weights"):
         run(predictions=str(videos))
     with pytest.raises(FileNotFoundError, match=f"predictions folder {videos} has no sub-folder 0.25, 0.66"):

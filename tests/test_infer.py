@@ -74,6 +74,7 @@ def test_setup_errors_stop_before_any_work(tiny_weights, tmp_path):
     out = tmp_path / "out"
     cases = [({"ratio": "wide"}, ValueError, "cannot parse aspect ratio 'wide'"),
              ({"sampler.canvas_size": 100}, ValueError, "canvas_size=100 must be a positive multiple of 64"),
+             ({"sampler.steps": 1}, ValueError, "sampler.steps=1: the M3DDM PNDM loop needs at least 2 timesteps"),
              ({"weights": str(tmp_path / "w")}, FileNotFoundError, f"weights folder {tmp_path / 'w'} does not exist"),
              ({"inputs": (str(out),)}, ValueError, f"output {out / 'x.mp4'} would overwrite its input")]
     os.makedirs(out)

@@ -111,6 +111,7 @@ def test_validation_loss_uses_fixed_draws(monkeypatch):
     (("--config.validation.frame_size=(16, 18)",), "validation.frame_size=\\(16, 18\\)"),
     (("--config.validation.clips=0",), "validation.clips"),
     (("--config.vae_frames_per_call=3",), "vae_frames_per_call=3 does not divide the 4 frames of a clip"),
+    (("--config.sampler.steps=1",), "sampler.steps=1: the M3DDM PNDM loop needs at least 2 timesteps"),
 ])
 def test_bad_recipe_or_validation_config_fails_at_startup(overrides, message):
     cfg = tiny_cfg(*overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from m3ddm_jax.diffusion import NoiseSchedule, make_sampler
 from m3ddm_jax.models.attention import NAMES as ATTENTION_NAMES
 
 SCHEDULERS = ("pndm", "ddim")
@@ -72,6 +73,17 @@ class SamplerSettings:
                                          for what, keys in (("missing", missing), ("unknown", unknown)) if keys)
                              + f". It holds exactly the fields {', '.join(FIELDS)} (m3ddm_jax/sampling/settings.py)")
         return cls(**values)
+
+    def check_steps(self, scheduler_config: Mapping[str, Any], label: str = "") -> None:
+        """Fails fast, from a noise schedule's config (a weights folder's or a run's), on a step count the
+        sampler cannot run; the error starts with `label`, the flag or config key that set the steps
+        (default sampler.steps=N)."""
+        try:
+            make_sampler(self.scheduler, NoiseSchedule.from_config(dict(scheduler_config)), self.steps,
+                         strength=self.strength)
+        except ValueError as err:
+            raise ValueError(f"{label or f'sampler.steps={self.steps}'}: {err}; use more steps or the ddim "
+                             f"scheduler") from err
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
