@@ -59,9 +59,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from m3ddm_jax import configlib, fileio, jobs, pretrained, sharding
+from m3ddm_jax import configlib, fileio, jobs, sharding
 from m3ddm_jax.outpaint import check_layout
-from m3ddm_jax.pretrained import check_weights_folder
+from m3ddm_jax.pretrained import check_weights_folder, read_scheduler_config
 from m3ddm_jax.sampling.pipeline import Outpainter
 from m3ddm_jax.sampling.settings import SamplerSettings
 from m3ddm_jax.video.io import VIDEO_EXTENSIONS, check_output_file, read_video, write_video
@@ -137,8 +137,7 @@ def check_config(cfg) -> SamplerSettings:
         raise ValueError("set --config.output_dir=DIR")
     if cfg.max_frames < 0:
         raise ValueError(f"max_frames must be >= 0 (0: every frame), got {cfg.max_frames}")
-    check_weights_folder(cfg.weights)
-    settings.check_steps(pretrained.read_scheduler_config(cfg.weights))
+    settings.check_steps(read_scheduler_config(check_weights_folder(cfg.weights)))
     # Ratio, canvas mode and canvas size at once, on a frame of the training size.
     check_layout(cfg.weights, (256, 256), cfg.ratio, settings)
     return settings
