@@ -294,7 +294,8 @@ def _parse_size(number: str, unit: str) -> int:
 
 
 def _out_of_memory(err: Exception) -> tuple[int | None, int | None] | None:
-    """(needed, available) bytes from the compiler's out-of-memory error, None if it is another error."""
+    """(needed, available) bytes from the compiler's out-of-memory error, None if it is another error. Either
+    message's figure is the whole plan per device, arguments included, though one calls it "temporaries"."""
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None

@@ -224,6 +224,22 @@ def test_usable_hbm_is_what_the_compiler_allows():
         assert err.value.report["fits"] is False and err.value.report["needed_bytes"] >= chip.hbm_bytes
 
 
+def test_needed_bytes_of_a_refused_plan_count_its_arguments():
+    """The compiler's out-of-memory figure ("the total memory required for HLO temporaries (X)") is the whole
+    plan, arguments included: a program with arguments of 0.75 and temporaries of about 0.5 of a chip's HBM
+    (two sorts of a 0.25 argument, which cannot fuse) is refused as needing more than its arguments, where its
+    temporaries alone would be less."""
+    tpu = aot.tpu_slice("v5e:2x2")
+    usable = tpu.chip.usable_hbm_bytes
+    one_chip = jax.sharding.SingleDeviceSharding(tpu.devices[0])
+    x, y = (jax.ShapeDtypeStruct((int(f * usable) // 4096, 1024), jnp.float32, sharding=one_chip) for f in (0.5, 0.25))
+    fn = jax.jit(lambda x, y: jnp.sort(jnp.sort(y, axis=0)[::-1] * 2, axis=1).sum(0) + x.sum(0))
+    with pytest.raises(aot.DoesNotFit) as err:
+        aot.compile_program(aot.Program("train", fn, (x, y), lambda: 0, [], {}), tpu)
+    assert "the total memory required for HLO temporaries" in err.value.report["error"]
+    assert err.value.report["needed_bytes"] > 0.75 * usable
+
+
 def test_multislice_mesh_puts_data_over_slices():
     devices = aot.tpu_slice("v5e:2x2", num_slices=2).devices
     mesh = sharding.make_mesh({"data": 2, "fsdp": -1}, devices)
