@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,11 +91,27 @@ class Slice:
         return len({d.process_index for d in self.devices})
 
 
+# libtpu ends the process with abort() when one of its own checks fails, and no Python code runs after that:
+# the log held back below is then the only account of why. A watcher process, started with the real stderr,
+# waits for the holder's end of a pipe to close; if the log file is still there, the holder died inside the
+# block, and the watcher writes the log out.
+_WATCHER = ("import os, sys\n"
+            "sys.stdin.buffer.read()\n"
+            "if os.path.exists(sys.argv[1]):\n"
+            "    sys.stderr.write('m3ddm_jax: the process died while libtpu ran; libtpu wrote:\\n')\n"
+            "    sys.stderr.flush()\n"
+            "    sys.stderr.buffer.write(open(sys.argv[1], 'rb').read())\n"
+            "    os.unlink(sys.argv[1])\n")
+
+
 @contextlib.contextmanager
 def _captured_stderr():
     """Holds back what native code writes to stderr (libtpu's initialisation warnings on a machine without
-    a TPU); yields a function that returns it, for an error message."""
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+    a TPU); yields a function that returns it, for an error message. If the process dies inside the block
+    (libtpu aborts, the OOM killer), what was held back goes to stderr."""
+    fd, path = tempfile.mkstemp(prefix="m3ddm_libtpu_", suffix=".log")
+    watcher = subprocess.Popen([sys.executable, "-I", "-c", _WATCHER, path], stdin=subprocess.PIPE)
+    with os.fdopen(fd, "w+b") as sink:
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         try:
@@ -102,6 +119,9 @@ def _captured_stderr():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            os.unlink(path)
+            watcher.stdin.close()
+            watcher.wait()
 
 
 def tpu_slice(topology: str, num_slices: int = 1) -> Slice:

@@ -9,8 +9,10 @@ import importlib.util
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +191,33 @@ def test_bad_topology_or_config_is_named():
     out = run_tool("--topology", "v5e:2x4", "--config.data.global_batch_size=2")  # a chosen batch is not changed
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "does not split over the 8 batch shards" in out.stderr and "--config.data.global_batch_size=8" in out.stderr
+
+
+@pytest.mark.parametrize("dies", [False, True], ids=["returns", "aborts"])
+def test_held_back_libtpu_log_reaches_stderr_only_if_the_process_dies(tmp_path, dies):
+    """libtpu aborts the process when a check of its own fails; the log held back during the compile is then
+    the only account of why, so it must reach stderr. A block that ends normally keeps it back. Neither
+    leaves a file behind."""
+    code = textwrap.dedent(f"""
+        import os
+        from m3ddm_jax import aot
+        with aot._captured_stderr() as log:
+            os.write(2, b"Check failed: the reason\\n")
+            if {dies}:
+                os.abort()
+            print(repr(log()))
+        os.write(2, b"after the block\\n")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    if dies:
+        assert proc.returncode == -signal.SIGABRT, proc.stderr
+        assert "the process died while libtpu ran; libtpu wrote:\nCheck failed: the reason" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == repr("Check failed: the reason\n")
+        assert "Check failed" not in proc.stderr and "died" not in proc.stderr and "after the block" in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_global_batch_splits_over_batch_shards_and_processes():
