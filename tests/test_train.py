@@ -289,7 +289,9 @@ def test_damaged_newest_checkpoints_fall_back_and_resume_equals_uninterrupted(tm
 
     proc = run_ok(train_cmd(workdir, compile_cache, "--config.total_steps=10"), env=subprocess_env())
     for step in (10, 8):
-        assert re.search(rf"(?m)^W\d{{4}} .*checkpoint step {step} .*cannot be restored", proc.stderr), proc.stderr[-4000:]
+        # Not anchored at a line start: orbax's asyncio thread may be printing a traceback of its own (closed event
+        # loop) when the warning is written, and then the warning starts mid-line.
+        assert re.search(rf"W\d{{4}} .*checkpoint step {step} .*cannot be restored", proc.stderr), proc.stderr[-4000:]
     assert "resumed from step 6" in proc.stderr
     assert finished_steps(workdir) == [6, 8, 10]
     for s in ("8", "10"):  # kept, untouched, as <step>.damaged
